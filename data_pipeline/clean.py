@@ -1,0 +1,329 @@
+"""``stage=clean``: raw recordings -> clean webdataset shards, with a reason for everything rejected.
+
+Per recording: decode (any format soundfile reads; mono; soxr) -> silero VAD over the whole file in
+bounded memory -> 3-30 s segments -> quality (clipping, SNR, bandwidth, DNSMOS) -> one-speaker check
+-> ASR and its hallucination filters -> captioner. A check that fails rejects the segment with its
+stage, reason and the values that decided it; the checks after it are not run.
+
+Work is split into units of ``clean.files_per_shard`` input files. Unit ``u`` belongs to partition
+``u % data.num_partitions`` (a SLURM array task takes one). A finished unit has written its shard
+(``shards/shard-<u>.tar``, renamed into place) and then its marker (``units/<u>.json``, holding its
+manifest rows, rejects and stats); a rerun skips units with a marker, so a killed run loses at most the
+unit in flight and never leaves a half shard that looks done. ``manifest.jsonl``, ``rejects.jsonl`` and
+``stats.json`` are rebuilt from the markers at the end of every run, in unit order.
+
+    python -m s2train stage=clean data.path=/data/raw clean.sample_rate=44100
+    sbatch --array=0-63 slurm/clean_array.sbatch data.path=/data/raw
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_pipeline.sources import SourceItem, list_items
+from s2train.audio import flac_bytes, read_excerpt, stream_mono
+from s2train.config import S2Config
+from s2train.judges.asr import build_asr, transcript_checks
+from s2train.judges.captioner import RuleCaptioner
+from s2train.judges.quality import QualityJudge
+from s2train.judges.speaker import SpeakerJudge
+from s2train.judges.vad import SAMPLE_RATE as JUDGE_RATE
+from s2train.judges.vad import Segment, SileroVAD, plan_segments, speech_regions
+from s2train.runs import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
+
+PIPELINE_VERSION = "clean-1"
+STAGE_ORDER = ("decode", "vad", "quality", "speaker", "asr")
+SEGMENT_BATCH = 8  # segments held in memory at once
+
+
+class Judges:
+    """Every model the stage needs, loaded once per process."""
+
+    def __init__(self, cfg: S2Config):
+        torch.set_num_threads(cfg.judges.threads)
+        j = cfg.judges
+        self.vad = SileroVAD(j.vad)
+        self.quality = QualityJudge(j.quality)
+        self.speaker = SpeakerJudge(j.speaker, j.device)
+        self.asr = build_asr(j.asr, j.device)
+        self.captioner = RuleCaptioner(j.captioner, cfg.seed)
+
+
+@dataclass
+class UnitResult:
+    manifest: list[dict] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    samples: list[tuple[str, bytes, dict]] = field(default_factory=list)  # key, flac, metadata
+    stats: dict = field(default_factory=lambda: {"files": 0, "input_s": 0.0, "kept_s": 0.0, "trimmed_s": 0.0})
+
+    def reject(self, source: str, start: float, end: float, stage: str, reason: str, values: dict) -> None:
+        self.rejects.append(
+            {"source": source, "start": round(start, 3), "end": round(end, 3), "stage": stage, "reason": reason, "values": values}
+        )
+
+
+def segment_key(source: str, index: int) -> str:
+    """A key without dots, stable across runs, unique per (source, segment)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", source).strip("_")[-48:]
+    return f"{slug}-{zlib.crc32(source.encode()):08x}-{index:04d}"
+
+
+def _round(obj):
+    if isinstance(obj, float | np.floating):
+        return round(float(obj), 4)
+    if isinstance(obj, dict):
+        return {k: _round(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_round(v) for v in obj]
+    return obj
+
+
+def process_item(item: SourceItem, cfg: S2Config, judges: Judges, out: UnitResult) -> float:
+    """Clean one recording into ``out``; returns its duration in seconds."""
+    src = item.source
+    out.stats["files"] += 1
+    try:
+        reader = item.open()
+    except Exception as error:  # any decoder failure rejects the file; it never stops the run
+        out.reject(src, 0.0, 0.0, "decode", "unreadable", {"error": f"{type(error).__name__}: {error}"[:300]})
+        return 0.0
+    try:
+        duration = reader.duration
+        out.stats["input_s"] += duration
+        if reader.frames == 0:
+            out.reject(src, 0.0, 0.0, "decode", "empty_audio", {"frames": 0})
+            return 0.0
+        try:
+            probs = judges.vad.probabilities(stream_mono(reader, JUDGE_RATE, cfg.clean.block_s))
+        except Exception as error:  # a file that breaks part-way through decoding
+            out.reject(src, 0.0, duration, "decode", "unreadable", {"error": f"{type(error).__name__}: {error}"[:300]})
+            return duration
+        regions = speech_regions(probs, cfg.judges.vad, duration)
+        if not regions:
+            out.reject(src, 0.0, duration, "vad", "no_speech", {"max_speech_prob": float(probs.max(initial=0.0))})
+            return duration
+        segments, short = plan_segments(regions, cfg.judges.vad)
+        out.stats["trimmed_s"] += duration - sum(s.duration for s in segments + short)
+        everything = sorted(segments + short, key=lambda s: s.start)
+        index = {id(s): i for i, s in enumerate(everything)}
+        for s in short:
+            out.reject(src, s.start, s.end, "vad", "too_short", {"duration": round(s.duration, 3)})
+        for first in range(0, len(segments), SEGMENT_BATCH):
+            batch = segments[first : first + SEGMENT_BATCH]
+            _judge_segments(item, reader, batch, [index[id(s)] for s in batch], len(everything), cfg, judges, out)
+        return duration
+    finally:
+        reader.close()
+
+
+def _speech_only(wav: np.ndarray, seg: Segment) -> np.ndarray:
+    """The segment's 16 kHz audio with its internal pauses cut out."""
+    parts = [wav[int((a - seg.start) * JUDGE_RATE) : int((b - seg.start) * JUDGE_RATE)] for a, b in seg.regions]
+    return np.concatenate(parts) if parts else wav
+
+
+def _judge_segments(item, reader, segments, indices, n_segments, cfg: S2Config, judges: Judges, out: UnitResult):
+    src = item.source
+    excerpts = [read_excerpt(reader, s.start, s.end, cfg.clean.sample_rate, JUDGE_RATE) for s in segments]
+    quality = judges.quality([e.judge for e in excerpts], [(e.native, e.native_rate) for e in excerpts])
+    alive = []
+    for i, (seg, q) in enumerate(zip(segments, quality)):
+        reason = judges.quality.verdict(q)
+        if reason:
+            out.reject(src, seg.start, seg.end, "quality", reason, _round(q))
+        else:
+            alive.append(i)
+    speech = {i: _speech_only(excerpts[i].judge, segments[i]) for i in alive}
+    speaker = dict(zip(alive, judges.speaker([speech[i] for i in alive]))) if alive else {}
+    passed = []
+    for i in alive:
+        reason = judges.speaker.verdict(speaker[i])
+        if reason:
+            out.reject(src, segments[i].start, segments[i].end, "speaker", reason, speaker[i])
+        else:
+            passed.append(i)
+    transcripts = dict(zip(passed, judges.asr([excerpts[i].judge for i in passed], [item.lang] * len(passed))))
+    for i in passed:
+        seg, t, q = segments[i], transcripts[i], quality[i]
+        reason, values = transcript_checks(t, cfg.judges.asr)
+        if reason:
+            out.reject(src, seg.start, seg.end, "asr", reason, {**values, "asr_text": t.text})
+            continue
+        key = segment_key(src, indices[i])
+        pauses = [(a - seg.start, b - seg.start) for a, b in seg.pauses]
+        speech_s = sum(b - a for a, b in seg.regions)
+        described = judges.captioner(
+            key, excerpts[i].judge, t.text, t.words, pauses, speech_s,
+            {"snr_db": q["snr_db"], "bandwidth_hz": q["bandwidth_hz"]},
+        )
+        own_text = item.text if (item.text and n_segments == 1) else None
+        meta = _round(
+            {
+                "id": key,
+                "source": src,
+                "start": seg.start,
+                "end": seg.end,
+                "duration": seg.duration,
+                "sample_rate": cfg.clean.sample_rate,
+                "lang": t.lang,
+                "lang_prob": t.lang_prob,
+                "text": own_text or t.text,
+                "asr_text": t.text,
+                "asr_logprob": t.avg_logprob,
+                "asr_backend": cfg.judges.asr.backend if t.supported else None,
+                "speaker": item.speaker or f"src-{zlib.crc32(src.encode()):08x}",
+                "dnsmos": q["dnsmos"],
+                "snr_db": q["snr_db"],
+                "bandwidth_hz": q["bandwidth_hz"],
+                "clipping": q["clipping"],
+                "speaker_similarity": speaker[i]["min_similarity"],
+                "pitch_hz": described["pitch_hz"],
+                "pitch_std": described["pitch_std"],
+                "voiced_ratio": described["voiced_ratio"],
+                "speaking_rate": described["speaking_rate"],
+                "loudness_lufs": described["loudness_lufs"],
+                "caption": described["caption"],
+                "tags": described["tags"],
+                "pipeline_version": PIPELINE_VERSION,
+            }
+        )
+        out.samples.append((key, flac_bytes(excerpts[i].out, cfg.clean.sample_rate), meta))
+        out.stats["kept_s"] += seg.duration
+
+
+def _write_shard(path: Path, samples: list[tuple[str, bytes, dict]]) -> None:
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+        for key, flac, meta in samples:
+            for name, payload in ((f"{key}.flac", flac), (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def _plan(items: list[SourceItem], files_per_shard: int) -> dict:
+    digest = hashlib.sha256("\n".join(i.source for i in items).encode()).hexdigest()[:16]
+    return {"files": len(items), "files_per_shard": files_per_shard, "sources_sha256": digest,
+            "units": (len(items) + files_per_shard - 1) // files_per_shard}
+
+
+def run(cfg: S2Config) -> dict:
+    run_dir = Path(cfg.run_dir)
+    shards, units = run_dir / "shards", run_dir / "units"
+    items = list_items(cfg.data)
+    if not items:
+        raise ValueError(f"no audio found at data.path={cfg.data.path} (data.source={cfg.data.source})")
+    plan = _plan(items, cfg.clean.files_per_shard)
+    plan_file = run_dir / "plan.json"
+    if plan_file.exists() and json.loads(plan_file.read_text()) != plan:
+        raise ValueError(
+            f"{run_dir} holds a clean run over other inputs or another clean.files_per_shard "
+            f"({plan_file}); give this run its own run_dir= or name="
+        )
+    write_json_atomic(plan_file, plan)
+    for folder in (shards, units):
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
+
+    per = cfg.clean.files_per_shard
+    mine = [u for u in range(plan["units"]) if u % cfg.data.num_partitions == cfg.data.partition]
+    todo = [u for u in mine if not (units / f"{u:06d}.json").exists()]
+    started, audio_s = time.perf_counter(), 0.0
+    if todo:
+        judges = Judges(cfg)
+        bar = tqdm(total=sum(len(items[u * per : (u + 1) * per]) for u in todo), unit="file",
+                   desc=f"clean p{cfg.data.partition}/{cfg.data.num_partitions}", disable=not cfg.clean.progress)
+        for u in todo:
+            result = UnitResult()
+            for item in items[u * per : (u + 1) * per]:
+                audio_s += process_item(item, cfg, judges, result)
+                bar.update(1)
+                bar.set_postfix(audio=f"{audio_s:.0f}s", speed=f"{audio_s / (time.perf_counter() - started):.1f}x")
+            shard = f"shard-{u:06d}.tar" if result.samples else None
+            if shard:
+                _write_shard(shards / shard, result.samples)
+            result.manifest = [{**meta, "shard": f"shards/{shard}"} for _, _, meta in result.samples]
+            write_json_atomic(
+                units / f"{u:06d}.json",
+                {"unit": u, "shard": shard, "sources": [i.source for i in items[u * per : (u + 1) * per]],
+                 "manifest": result.manifest, "rejects": result.rejects, "stats": _round(result.stats)},
+            )
+        bar.close()
+    stats = aggregate(run_dir, plan["units"])
+    wall = time.perf_counter() - started
+    return {
+        "units_done": f"{stats['units_done']}/{stats['units_total']}",
+        "files": stats["files"],
+        "input_h": round(stats["input_s"] / 3600, 4),
+        "kept_h": round(stats["kept_s"] / 3600, 4),
+        "kept_segments": stats["kept_segments"],
+        "rejected_segments": stats["rejected_segments"],
+        "kept_fraction_of_input": round(stats["kept_s"] / max(stats["input_s"], 1e-9), 4),
+        "this_run_audio_s": round(audio_s, 1),
+        "this_run_x_realtime": round(audio_s / wall, 2) if audio_s else 0.0,
+        "by_stage": stats["by_stage"],
+    }
+
+
+def aggregate(run_dir: Path, units_total: int) -> dict:
+    """Rebuild manifest.jsonl, rejects.jsonl, stats.json (and stats.png) from the unit markers."""
+    markers = [json.loads(p.read_text()) for p in sorted((run_dir / "units").glob("[0-9]*.json"))]
+    manifest = [row for m in markers for row in m["manifest"]]
+    rejects = [row for m in markers for row in m["rejects"]]
+    write_text_atomic(run_dir / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in manifest))
+    write_text_atomic(run_dir / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    totals = {k: round(sum(m["stats"][k] for m in markers), 3) for k in ("files", "input_s", "kept_s", "trimmed_s")}
+    by_stage: dict[str, dict[str, dict]] = {s: {} for s in STAGE_ORDER}
+    for r in rejects:
+        cell = by_stage[r["stage"]].setdefault(r["reason"], {"count": 0, "seconds": 0.0})
+        cell["count"] += 1
+        cell["seconds"] = round(cell["seconds"] + r["end"] - r["start"], 3)
+    rejected_s = round(sum(c["seconds"] for reasons in by_stage.values() for c in reasons.values()), 3)
+    stats = {
+        "units_done": len(markers),
+        "units_total": units_total,
+        "complete": len(markers) == units_total,
+        **totals,
+        "rejected_s": rejected_s,
+        "kept_segments": len(manifest),
+        "rejected_segments": len(rejects),
+        "by_stage": by_stage,
+        "pipeline_version": PIPELINE_VERSION,
+    }
+    write_json_atomic(run_dir / "stats.json", stats)
+    _plot_stats(run_dir / "stats.png", stats)
+    return stats
+
+
+def _plot_stats(path: Path, stats: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["kept", "trimmed (non-speech)"]
+    seconds = [stats["kept_s"], stats["trimmed_s"]]
+    for stage, reasons in stats["by_stage"].items():
+        for reason, cell in reasons.items():
+            labels.append(f"{stage}: {reason} ({cell['count']})")
+            seconds.append(cell["seconds"])
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(labels) + 1.2))
+    colors = ["tab:green", "tab:gray"] + ["tab:red"] * (len(labels) - 2)
+    ax.barh(labels[::-1], seconds[::-1], color=colors[::-1])
+    ax.set_xlabel("seconds of audio")
+    ax.set_title(f"clean: {stats['files']} files, {stats['input_s'] / 60:.1f} min in, {stats['kept_s'] / 60:.1f} min kept")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,225 @@
+"""``stage=demo_corpus``: a small, deterministic, multi-speaker, multilingual corpus made on this machine.
+
+Speech is synthesised with Debian's ``flite`` (English voices awb, rms, slt, kal) and ``espeak-ng``
+(Mandarin ``cmn`` and Spanish ``es``) from the sentence lists in ``data_pipeline/sentences/``. Each
+"recording" (20-60 s) strings several sentences together with pauses, over a faint noise floor.
+Deliberately bad material sits beside the good, each labelled in ``truth.jsonl`` with the rejection it
+must get from ``stage=clean``, plus two awkward but good files (another sample rate, stereo) that must
+be kept after conversion.
+
+Outputs under ``<run_dir>/corpus/``: the audio, ``metadata.jsonl`` (audiofolder style: file name,
+language, speaker, as a real dataset would ship them), ``truth.jsonl`` (every sentence with its text,
+language, speaker, start and end; the expected verdict of each file) and ``quality_calibration.json``
+(the DNSMOS threshold the demo's clean stage uses: synthetic voices score below real speech).
+
+    python -m s2train stage=demo_corpus
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from s2train.audio import resample
+from s2train.config import S2Config
+from s2train.runs import atomic_path, write_json_atomic, write_text_atomic
+
+SENTENCES = Path(__file__).parent / "sentences"
+NOISE_FLOOR = 3e-4  # about -70 dBFS of white noise under everything
+# speaker id -> (engine, engine voice, language)
+VOICES = {
+    "awb": ("flite", "awb", "en"),
+    "rms": ("flite", "rms", "en"),
+    "slt": ("flite", "slt", "en"),
+    "kal": ("flite", "kal16", "en"),
+    "cmn": ("espeak-ng", "cmn", "cmn"),
+    "es": ("espeak-ng", "es", "es"),
+}
+
+
+def sentences(lang: str) -> list[str]:
+    return [s.strip() for s in (SENTENCES / f"{lang}.txt").read_text(encoding="utf-8").splitlines() if s.strip()]
+
+
+def check_tools() -> None:
+    missing = [tool for tool in ("flite", "espeak-ng") if shutil.which(tool) is None]
+    if missing:
+        raise ValueError(f"the demo corpus needs {' and '.join(missing)}: apt-get install flite espeak-ng")
+
+
+def synthesize(speaker: str, text: str, sample_rate: int) -> np.ndarray:
+    """One sentence from the speaker's engine, mono float32 at ``sample_rate``."""
+    engine, voice, _ = VOICES[speaker]
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "s.wav"
+        if engine == "flite":
+            cmd = ["flite", "-voice", voice, "-t", text, "-o", str(wav)]
+        else:
+            cmd = ["espeak-ng", "-v", voice, "-w", str(wav), text]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+        samples, rate = sf.read(wav, dtype="float32", always_2d=True)
+    samples = resample(samples[:, 0], rate, sample_rate)
+    return 0.5 * samples / max(float(np.abs(samples).max()), 1e-6)  # level voices alike, -6 dBFS peaks
+
+
+class Builder:
+    def __init__(self, cfg: S2Config, out: Path):
+        self.cfg, self.out, self.sr = cfg, out, cfg.demo_corpus.sample_rate
+        self.rng = np.random.default_rng(cfg.seed)
+        self.next_sentence: dict[str, int] = {}
+        self.truth: list[dict] = []
+        self.metadata: list[dict] = []
+
+    def take(self, speaker: str) -> str:
+        lang = VOICES[speaker][2]
+        pool = sentences(lang)
+        offset = [s for s in VOICES if VOICES[s][2] == lang].index(speaker) * 10  # voices of a language differ
+        i = self.next_sentence.get(speaker, offset)
+        self.next_sentence[speaker] = i + 1
+        return pool[i % len(pool)]
+
+    def speech(self, speaker: str, target_s: float, pause=(0.35, 0.9)) -> tuple[np.ndarray, list[dict]]:
+        """Sentences of one speaker with pauses until ``target_s``; returns audio and sentence times."""
+        lead = np.zeros(int(0.5 * self.sr), np.float32)
+        parts, rows, t = [lead], [], len(lead) / self.sr
+        while t < target_s - 0.5:
+            text = self.take(speaker)
+            audio = synthesize(speaker, text, self.sr)
+            rows.append({"text": text, "lang": VOICES[speaker][2], "speaker": speaker,
+                         "start": round(t, 3), "end": round(t + len(audio) / self.sr, 3)})
+            gap = np.zeros(int(self.rng.uniform(*pause) * self.sr), np.float32)
+            parts += [audio, gap]
+            t += (len(audio) + len(gap)) / self.sr
+        parts.append(lead)
+        return np.concatenate(parts), rows
+
+    def noise(self, n: int, level: float = NOISE_FLOOR) -> np.ndarray:
+        return (self.rng.standard_normal(n) * level).astype(np.float32)
+
+    def write(self, name: str, audio: np.ndarray, rate: int, *, kind: str, sentences_: list[dict],
+              expected: dict | None = None, lang: str | None = None, speaker: str | None = None,
+              note: str = "") -> None:
+        path = self.out / name
+        with atomic_path(path) as tmp:
+            sf.write(tmp, audio, rate, format="WAV", subtype="PCM_16")
+        channels = 1 if audio.ndim == 1 else audio.shape[1]
+        self.truth.append({"file": name, "kind": kind, "expected": expected, "sample_rate": rate,
+                           "channels": channels, "duration": round(len(audio) / rate, 3), "lang": lang,
+                           "speaker": speaker, "note": note, "sentences": sentences_})
+        if lang:
+            self.metadata.append({"file_name": name, "lang": lang, **({"speaker": speaker} if speaker else {})})
+
+    def good(self, speaker: str, index: int, target_s: float) -> None:
+        audio, rows = self.speech(speaker, target_s)
+        self.write(f"{speaker}_{index:02d}.wav", audio + self.noise(len(audio)), self.sr, kind="good",
+                   sentences_=rows, lang=VOICES[speaker][2], speaker=speaker)
+
+    def build(self) -> None:
+        c = self.cfg.demo_corpus
+        for speaker in VOICES:
+            for index in range(c.recordings_per_voice):
+                self.good(speaker, index, self.rng.uniform(c.min_recording_s, c.max_recording_s))
+        # longer than a segment may be: the clean stage must split it at its longest pause
+        audio, rows = self.speech("awb", c.long_recording_s)
+        self.write("awb_long.wav", audio + self.noise(len(audio)), self.sr, kind="good", sentences_=rows,
+                   lang="en", speaker="awb", note="longer than judges.vad.max_segment_s: split at a pause")
+
+        # good but awkward: another sample rate, and stereo; both must be kept after conversion
+        audio, rows = self.speech("rms", c.min_recording_s)
+        audio = resample(audio + self.noise(len(audio)), self.sr, 44100)
+        self.write("rms_44k.wav", audio, 44100, kind="good", sentences_=rows, lang="en", speaker="rms",
+                   note="44.1 kHz: resampled on the way in")
+        audio, rows = self.speech("slt", c.min_recording_s)
+        stereo = np.stack([audio + self.noise(len(audio)), 0.8 * audio + self.noise(len(audio))], axis=1)
+        self.write("slt_stereo.wav", stereo, self.sr, kind="good", sentences_=rows, lang="en", speaker="slt",
+                   note="stereo: mixed down on the way in")
+
+        # bad material, each with the verdict it must get
+        audio, rows = self.speech("rms", c.min_recording_s)
+        speech_rms = float(np.sqrt(np.mean(audio[np.abs(audio) > 0.01] ** 2)))
+        self.write("bad_noisy.wav", audio + self.noise(len(audio), speech_rms), self.sr, kind="bad",
+                   sentences_=rows, lang="en", expected={"stage": "quality", "reason": "low_snr"},
+                   note="white noise at 0 dB SNR")
+        audio, rows = self.speech("slt", c.min_recording_s)
+        self.write("bad_clipped.wav", np.clip(audio * 8.0, -1.0, 1.0) + 0.0, self.sr, kind="bad",
+                   sentences_=rows, lang="en", expected={"stage": "quality", "reason": "clipping"},
+                   note="amplified 18 dB into hard clipping")
+        self.write("bad_silence.wav", self.noise(int(c.min_recording_s * self.sr)), self.sr, kind="bad",
+                   sentences_=[], expected={"stage": "vad", "reason": "no_speech"}, note="noise floor only")
+        t = np.arange(int(c.min_recording_s * self.sr)) / self.sr
+        tone = 0.3 * np.sin(2 * np.pi * 440.0 * t) + 0.1 * np.sin(2 * np.pi * 880.0 * t)
+        self.write("bad_tone.wav", tone.astype(np.float32), self.sr, kind="bad", sentences_=[],
+                   expected={"stage": "vad", "reason": "no_speech"}, note="440 Hz tone with one harmonic")
+        a, rows_a = self.speech("awb", 12.0)
+        b, rows_b = self.speech("slt", 12.0)
+        shift = len(a) - int(5.0 * self.sr)  # slt starts talking 5 s before awb stops
+        mix = np.zeros(shift + len(b), np.float32)
+        mix[: len(a)] += a
+        mix[shift:] += b
+        for row in rows_b:
+            row["start"], row["end"] = round(row["start"] + shift / self.sr, 3), round(row["end"] + shift / self.sr, 3)
+        self.write("bad_overlap.wav", mix + self.noise(len(mix)), self.sr, kind="bad", sentences_=rows_a + rows_b,
+                   lang="en", expected={"stage": "speaker", "reason": "multi_speaker"},
+                   note="two voices, overlapping for 5 s")
+        corrupt = b"RIFF\x24\x08\x00\x00WAVEfmt " + self.rng.bytes(3000)
+        with atomic_path(self.out / "bad_corrupt.wav") as tmp:
+            tmp.write_bytes(corrupt)
+        self.truth.append({"file": "bad_corrupt.wav", "kind": "bad", "sentences": [], "note": "a broken header",
+                           "expected": {"stage": "decode", "reason": "unreadable"}})
+
+
+def calibrate(out: Path, truth: list[dict], margin: float) -> dict:
+    """DNSMOS OVRL of the good recordings -> the demo's keep threshold (never above real data's 3.0)."""
+    from s2train.judges.quality import dnsmos_model
+
+    model = dnsmos_model(0)
+    measured = {}
+    for row in truth:
+        if row["kind"] == "good":
+            audio, rate = sf.read(out / row["file"], dtype="float32", always_2d=True)
+            measured[row["file"]] = round(model(resample(audio.mean(axis=1), rate, 16000), 9.01)["ovrl"], 3)
+    threshold = min(3.0, float(np.floor((min(measured.values()) - margin) * 100) / 100))
+    return {"dnsmos_ovrl_min": threshold, "margin": margin, "measured_ovrl": measured,
+            "rule": "min OVRL of the good demo recordings minus the margin, at most 3.0"}
+
+
+def run(cfg: S2Config) -> dict:
+    check_tools()
+    out = Path(cfg.run_dir) / "corpus"
+    fingerprint = hashlib.sha256(
+        json.dumps([asdict(cfg.demo_corpus), cfg.seed, sorted(VOICES.items())]).encode()
+        + b"".join(p.read_bytes() for p in sorted(SENTENCES.glob("*.txt")))
+    ).hexdigest()[:16]
+    done = out / "truth.jsonl"
+    stamp = out / "fingerprint.txt"
+    if not (done.exists() and stamp.exists() and stamp.read_text() == fingerprint):
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        builder = Builder(cfg, out)
+        builder.build()
+        write_text_atomic(out / "metadata.jsonl", "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in builder.metadata))
+        if cfg.demo_corpus.calibrate:
+            write_json_atomic(out / "quality_calibration.json", calibrate(out, builder.truth, margin=0.2))
+        write_text_atomic(stamp, fingerprint)
+        write_text_atomic(done, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in builder.truth))  # last
+    truth = [json.loads(line) for line in done.read_text(encoding="utf-8").splitlines()]
+    calibration = json.loads((out / "quality_calibration.json").read_text()) if cfg.demo_corpus.calibrate else {}
+    return {
+        "corpus": str(out),
+        "recordings": len(truth),
+        "good": sum(t["kind"] == "good" for t in truth),
+        "bad": sum(t["kind"] == "bad" for t in truth),
+        "sentences": sum(len(t["sentences"]) for t in truth),
+        "minutes": round(sum(t.get("duration", 0.0) for t in truth) / 60, 2),
+        "speakers": len(VOICES),
+        "dnsmos_ovrl_min": calibration.get("dnsmos_ovrl_min"),
+    }

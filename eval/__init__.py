@@ -1,0 +1,1 @@
+"""Evaluation: word error rate and, later, the benchmark harnesses and report writers."""

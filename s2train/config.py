@@ -1,0 +1,207 @@
+"""Typed configuration: these dataclasses are the truth, the YAML under ``conf/`` fills them.
+
+They are registered with Hydra's ConfigStore as the schema of ``conf/config.yaml``, so a misspelt key
+fails when Hydra composes (``Key 'segmnt_max_s' not in 'VADConfig'``). Values a user must give are
+``???``. ``__post_init__`` checks what a type cannot and raises ``ValueError`` with a plain sentence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    """Where raw audio comes from and which part of it this process takes."""
+
+    source: str = "folder"  # folder | hf | webdataset
+    path: str | None = None  # a folder, a `datasets.save_to_disk` folder, or a folder/glob of .tar
+    extensions: list[str] = field(
+        default_factory=lambda: ["wav", "flac", "ogg", "mp3", "opus", "aiff", "aif", "au"]
+    )
+    audio_column: str = "audio"  # hf: the column of audio (decoded or not)
+    lang: str | None = None  # language of every file when the source does not say
+    partition: int = 0  # this process's share: partition i of num_partitions
+    num_partitions: int = 1
+
+    def __post_init__(self) -> None:
+        _check(
+            self.source in ("folder", "hf", "webdataset"),
+            f"data.source must be folder, hf or webdataset, not {self.source!r}",
+        )
+        _check(self.num_partitions >= 1, "data.num_partitions must be at least 1")
+        _check(
+            0 <= self.partition < self.num_partitions,
+            f"data.partition={self.partition} is outside 0..{self.num_partitions - 1}",
+        )
+
+
+# --------------------------------------------------------------------------------------------- judges
+
+
+@dataclass
+class VADConfig:
+    """silero-vad frame probabilities, turned into speech regions, then into 3-30 s segments."""
+
+    threshold: float = 0.5  # a frame is speech above this probability
+    neg_threshold: float = 0.35  # ... and stays speech until it falls below this one
+    min_speech_s: float = 0.25  # shorter bursts are dropped
+    min_silence_s: float = 0.1  # shorter dips are bridged inside one region
+    pad_s: float = 0.1  # kept around each region
+    min_segment_s: float = 3.0
+    max_segment_s: float = 30.0
+    merge_gap_s: float = 1.0  # regions closer than this join one segment (while it fits max_segment_s)
+
+    def __post_init__(self) -> None:
+        _check(0 < self.neg_threshold <= self.threshold < 1, "need 0 < vad.neg_threshold <= vad.threshold < 1")
+        _check(
+            0 < self.min_segment_s < self.max_segment_s,
+            "need 0 < vad.min_segment_s < vad.max_segment_s",
+        )
+
+
+@dataclass
+class WhisperConfig:
+    checkpoint: str | None = None  # a local openai-whisper .pt file; never a hub name
+    language: str | None = None  # None: detect
+    temperature: float = 0.0
+    beam_size: int | None = None
+
+
+@dataclass
+class ASRConfig:
+    backend: str = "pocketsphinx"  # pocketsphinx | whisper
+    whisper: WhisperConfig = field(default_factory=WhisperConfig)
+    # Filters for hallucinated or unusable transcripts; each one is a reject reason.
+    max_ngram_repeats: int = 4  # an n-gram (n = 1..4) repeated back to back more often than this
+    min_unique_word_ratio: float = 0.3  # unique words / words, checked from 8 words on
+    phantom_phrases: list[str] = field(
+        default_factory=lambda: [
+            "thank you for watching",
+            "thanks for watching",
+            "please subscribe",
+            "like and subscribe",
+            "subtitles by",
+            "amara.org",
+            "transcribed by",
+            "字幕",
+            "请不吝点赞",
+        ]
+    )
+    max_compression_ratio: float = 2.4
+    min_avg_logprob: float = -1.0  # whisper only: pocketsphinx scores are not log-probabilities
+    languages: list[str] = field(default_factory=list)  # keep only these languages; empty keeps all
+
+    def __post_init__(self) -> None:
+        _check(
+            self.backend in ("pocketsphinx", "whisper"),
+            f"judges.asr.backend must be pocketsphinx or whisper, not {self.backend!r}",
+        )
+
+
+@dataclass
+class QualityConfig:
+    dnsmos_ovrl_min: float = 3.0  # Emilia's keep rule
+    calibration: str | None = None  # a JSON file whose dnsmos_ovrl_min replaces the value above
+    dnsmos_hop_s: float = 1.0  # the reference DNSMOS script hops its 9 s window by 1 s
+    onnx_threads: int = 0  # 0: onnxruntime decides
+    snr_min_db: float = 15.0
+    clipping_max_ratio: float = 0.001  # fraction of samples at full scale
+    bandwidth_min_hz: float = 3500.0  # rejects telephone-band audio
+
+
+@dataclass
+class SpeakerConfig:
+    backend: str = "resemblyzer"  # resemblyzer | speechbrain
+    checkpoint: str | None = None  # speechbrain: a local folder with hyperparams.yaml
+    window_s: float = 1.6
+    hop_s: float = 0.8
+    min_similarity: float = 0.5  # reject when two windows of one segment are less alike than this
+
+    def __post_init__(self) -> None:
+        _check(
+            self.backend in ("resemblyzer", "speechbrain"),
+            f"judges.speaker.backend must be resemblyzer or speechbrain, not {self.backend!r}",
+        )
+        _check(0 < self.hop_s <= self.window_s, "need 0 < speaker.hop_s <= speaker.window_s")
+
+
+@dataclass
+class CaptionerConfig:
+    bins: str = "v1"  # s2train/judges/caption_bins/<bins>.json, or a path to such a file
+
+
+@dataclass
+class JudgesConfig:
+    vad: VADConfig = field(default_factory=VADConfig)
+    asr: ASRConfig = field(default_factory=ASRConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    speaker: SpeakerConfig = field(default_factory=SpeakerConfig)
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    device: str = "cpu"
+    threads: int = 2  # torch intra-op threads for the judges
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+@dataclass
+class CleanConfig:
+    sample_rate: int = 44100  # of the audio in the clean shards
+    files_per_shard: int = 16  # a unit of work: this many input files -> one shard + one marker
+    block_s: float = 60.0  # decode this much at a time, so memory does not grow with file length
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.files_per_shard >= 1, "clean.files_per_shard must be at least 1")
+        _check(self.sample_rate >= 8000, "clean.sample_rate must be at least 8000")
+
+
+@dataclass
+class DemoCorpusConfig:
+    sample_rate: int = 16000
+    recordings_per_voice: int = 1
+    min_recording_s: float = 20.0
+    max_recording_s: float = 40.0
+    long_recording_s: float = 45.0  # one recording longer than max_segment_s, to exercise splitting
+    calibrate: bool = True  # measure DNSMOS on the good recordings and write a demo threshold
+
+    def __post_init__(self) -> None:
+        _check(
+            20.0 <= self.min_recording_s <= self.max_recording_s <= 60.0,
+            "demo_corpus recordings must be 20-60 s long",
+        )
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=list)  # run in this order, each in run_root/name/<stage>
+
+
+@dataclass
+class S2Config:
+    stage: str = MISSING
+    name: str = "default"  # the experiment's name: runs go to run_root/name/stage
+    run_root: str = "runs"
+    run_dir: str | None = None  # overrides run_root/name/stage for this stage
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    judges: JudgesConfig = field(default_factory=JudgesConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    demo_corpus: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="s2train_schema", node=S2Config)

@@ -1,0 +1,199 @@
+"""Speech recognition judges and the filters that catch hallucinated transcripts.
+
+Two backends behind one call, ``asr(wavs, langs) -> list[Transcript]`` on 16 kHz mono audio:
+
+- ``whisper``: openai-whisper loaded from a local checkpoint file (``torch.load(weights_only=True)``,
+  never a hub name); detects the language and its probability, gives word times and log-probabilities.
+- ``pocketsphinx``: English only, fully offline (its model ships in the wheel). One decoder carries
+  cepstral state from one utterance to the next, so each utterance gets a fresh decoder.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from s2train.config import ASRConfig
+
+JUDGE_RATE = 16000
+
+
+@dataclass
+class Word:
+    word: str
+    start: float
+    end: float
+
+
+@dataclass
+class Transcript:
+    text: str
+    lang: str | None
+    lang_prob: float | None = None
+    avg_logprob: float | None = None
+    words: list[Word] = field(default_factory=list)
+    supported: bool = True  # False when the backend cannot transcribe this language
+
+
+class PocketSphinxASR:
+    languages = ("en",)
+
+    def __init__(self, cfg: ASRConfig):
+        self.cfg = cfg
+
+    def __call__(self, wavs: list[np.ndarray], langs: list[str | None]) -> list[Transcript]:
+        from pocketsphinx import Decoder
+
+        out = []
+        for wav, lang in zip(wavs, langs):
+            lang = lang or "en"
+            if lang not in self.languages:
+                out.append(Transcript(text="", lang=lang, supported=False))
+                continue
+            decoder = Decoder(loglevel="FATAL")
+            pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16).tobytes()
+            decoder.start_utt()
+            decoder.process_raw(pcm, full_utt=True)
+            decoder.end_utt()
+            words = [
+                Word(re.sub(r"\(\d+\)$", "", s.word), s.start_frame / 100, (s.end_frame + 1) / 100)
+                for s in decoder.seg()
+                if not s.word.startswith(("<", "[")) and s.word != "<sil>"
+            ]
+            out.append(Transcript(text=" ".join(w.word for w in words), lang=lang, words=words))
+        return out
+
+
+class WhisperASR:
+    def __init__(self, cfg: ASRConfig, device: str = "cpu"):
+        import whisper
+
+        checkpoint = cfg.whisper.checkpoint
+        if not checkpoint or not Path(checkpoint).is_file():
+            raise ValueError(
+                "judges.asr.whisper.checkpoint must be a local openai-whisper checkpoint file "
+                f"(e.g. /models/whisper/large-v3.pt); got {checkpoint!r}. Hub names are not downloaded."
+            )
+        self.cfg = cfg
+        self.device = device
+        self.model = whisper.load_model(str(checkpoint), device=device)  # torch.load(weights_only=True)
+
+    def __call__(self, wavs: list[np.ndarray], langs: list[str | None]) -> list[Transcript]:
+        import torch
+        import whisper
+
+        out = []
+        for wav, hint in zip(wavs, langs):
+            audio = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+            mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), self.model.dims.n_mels).to(self.device)
+            lang = self.cfg.whisper.language or hint
+            lang_prob = None
+            if self.model.is_multilingual:
+                _, probs = self.model.detect_language(mel)
+                detected = max(probs, key=probs.get)
+                lang = lang or detected
+                lang_prob = float(probs.get(lang, 0.0))
+            options = {"beam_size": self.cfg.whisper.beam_size} if self.cfg.whisper.beam_size else {}
+            result = whisper.transcribe(
+                self.model,
+                audio,
+                language=lang,
+                temperature=self.cfg.whisper.temperature,
+                condition_on_previous_text=False,
+                word_timestamps=True,
+                fp16=False,
+                verbose=None,
+                **options,
+            )
+            segments = result.get("segments", [])
+            tokens = sum(len(s["tokens"]) for s in segments)
+            avg_logprob = (
+                sum(s["avg_logprob"] * len(s["tokens"]) for s in segments) / tokens if tokens else None
+            )
+            words = [
+                Word(w["word"].strip(), float(w["start"]), float(w["end"]))
+                for s in segments
+                for w in s.get("words", [])
+            ]
+            out.append(
+                Transcript(
+                    text=result["text"].strip(),
+                    lang=result.get("language", lang),
+                    lang_prob=lang_prob,
+                    avg_logprob=avg_logprob,
+                    words=words,
+                )
+            )
+        return out
+
+
+def build_asr(cfg: ASRConfig, device: str = "cpu") -> PocketSphinxASR | WhisperASR:
+    return WhisperASR(cfg, device) if cfg.backend == "whisper" else PocketSphinxASR(cfg)
+
+
+# ------------------------------------------------------------------------------------------- filters
+
+
+def _tokens(text: str) -> list[str]:
+    """Words, or characters for scripts written without spaces (Chinese, Japanese)."""
+    text = text.lower()
+    if re.search(r"[\u3040-\u30ff\u3400-\u9fff]", text):
+        return [c for c in text if not c.isspace() and c.isalnum()]
+    return re.findall(r"[\w']+", text)
+
+
+def max_ngram_repeat(tokens: list[str], max_n: int = 4) -> int:
+    """The largest number of back-to-back repeats of any n-gram, n = 1..max_n."""
+    best = 1 if tokens else 0
+    for n in range(1, max_n + 1):
+        for start in range(n):
+            run, prev = 1, None
+            for i in range(start, len(tokens) - n + 1, n):
+                gram = tuple(tokens[i : i + n])
+                run = run + 1 if gram == prev else 1
+                prev = gram
+                best = max(best, run)
+    return best
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def transcript_checks(t: Transcript, cfg: ASRConfig) -> tuple[str | None, dict]:
+    """``(reject reason or None, the values that decided it)`` for one transcript."""
+    tokens = _tokens(t.text)
+    values = {
+        "words": len(tokens),
+        "max_ngram_repeat": max_ngram_repeat(tokens),
+        "unique_word_ratio": round(len(set(tokens)) / len(tokens), 4) if tokens else 0.0,
+        "compression_ratio": round(compression_ratio(t.text), 4),
+        "avg_logprob": None if t.avg_logprob is None else round(t.avg_logprob, 4),
+        "lang": t.lang,
+        "lang_prob": t.lang_prob,
+    }
+    if not t.supported:
+        return None, values  # nothing to judge: kept as audio-only material
+    lowered = t.text.lower()
+    if cfg.languages and t.lang not in cfg.languages:
+        return "language", values
+    if not tokens:
+        return "empty_transcript", values
+    if values["max_ngram_repeat"] > cfg.max_ngram_repeats:
+        return "repeated_ngram", values
+    if len(tokens) >= 8 and values["unique_word_ratio"] < cfg.min_unique_word_ratio:
+        return "low_unique_word_ratio", values
+    phantom = next((p for p in cfg.phantom_phrases if p.lower() in lowered), None)
+    if phantom:
+        values["phantom_phrase"] = phantom
+        return "phantom_phrase", values
+    if values["compression_ratio"] > cfg.max_compression_ratio:
+        return "high_compression_ratio", values
+    if t.avg_logprob is not None and t.avg_logprob < cfg.min_avg_logprob:
+        return "low_avg_logprob", values
+    return None, values

@@ -1,0 +1,112 @@
+"""Speaker embeddings and the one-speaker check.
+
+Backends share ``embed(windows) -> (N, D)`` l2-normalised embeddings of 16 kHz windows:
+
+- ``resemblyzer``: the GE2E d-vector model that ships in the resemblyzer wheel (offline default);
+- ``speechbrain``: an ECAPA-TDNN ``EncoderClassifier`` from a local folder (``hyperparams.yaml`` plus
+  its checkpoints), e.g. a copy of spkrec-ecapa-voxceleb. Loading it runs the folder's hyperpyyaml, so
+  point it only at folders you trust.
+
+The one-speaker check embeds overlapping windows of a segment's speech (its pauses cut out, so a
+silent window cannot look like a stranger) and rejects the segment when two windows are less alike
+than ``min_similarity``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from s2train.config import SpeakerConfig
+
+JUDGE_RATE = 16000
+
+
+class ResemblyzerEmbedder:
+    def __init__(self, device: str = "cpu"):
+        from resemblyzer import VoiceEncoder
+
+        self.encoder = VoiceEncoder(device, verbose=False)
+        self.device = device
+
+    @torch.inference_mode()
+    def embed(self, windows: list[np.ndarray]) -> np.ndarray:
+        from resemblyzer.audio import wav_to_mel_spectrogram
+
+        mels = [wav_to_mel_spectrogram(w.astype(np.float32)) for w in windows]
+        frames = min(len(m) for m in mels)
+        batch = torch.from_numpy(np.stack([m[:frames] for m in mels])).to(self.device)
+        return self.encoder(batch).cpu().numpy()  # already l2-normalised
+
+
+class SpeechBrainEmbedder:
+    def __init__(self, folder: str | None, device: str = "cpu"):
+        if not folder or not (Path(folder) / "hyperparams.yaml").is_file():
+            raise ValueError(
+                "judges.speaker.checkpoint must be a local speechbrain folder with hyperparams.yaml "
+                f"(e.g. a copy of spkrec-ecapa-voxceleb); got {folder!r}"
+            )
+        from speechbrain.inference.speaker import EncoderClassifier
+        from speechbrain.utils.fetching import LocalStrategy
+
+        self.model = EncoderClassifier.from_hparams(
+            source=str(Path(folder).resolve()),
+            savedir=str(Path(folder).resolve()),
+            run_opts={"device": device},
+            local_strategy=LocalStrategy.NO_LINK,
+        )
+
+    @torch.inference_mode()
+    def embed(self, windows: list[np.ndarray]) -> np.ndarray:
+        length = max(len(w) for w in windows)
+        batch = torch.zeros(len(windows), length)
+        for i, w in enumerate(windows):
+            batch[i, : len(w)] = torch.from_numpy(w.astype(np.float32))
+        lengths = torch.tensor([len(w) / length for w in windows])
+        emb = self.model.encode_batch(batch, lengths).squeeze(1)
+        return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+
+
+def build_embedder(cfg: SpeakerConfig, device: str = "cpu") -> ResemblyzerEmbedder | SpeechBrainEmbedder:
+    if cfg.backend == "speechbrain":
+        return SpeechBrainEmbedder(cfg.checkpoint, device)
+    return ResemblyzerEmbedder(device)
+
+
+def windows_of(wav: np.ndarray, window_s: float, hop_s: float) -> list[np.ndarray]:
+    window, hop = int(window_s * JUDGE_RATE), int(hop_s * JUDGE_RATE)
+    if len(wav) <= window:
+        return [wav]
+    starts = list(range(0, len(wav) - window + 1, hop))
+    if starts[-1] + window < len(wav):
+        starts.append(len(wav) - window)  # the tail gets a window too
+    return [wav[s : s + window] for s in starts]
+
+
+class SpeakerJudge:
+    """``judge(wavs) -> [{min_similarity, mean_similarity, windows}]`` and its keep rule."""
+
+    def __init__(self, cfg: SpeakerConfig, device: str = "cpu"):
+        self.cfg = cfg
+        self.embedder = build_embedder(cfg, device)
+
+    def __call__(self, wavs: list[np.ndarray]) -> list[dict]:
+        out = []
+        for wav in wavs:
+            windows = windows_of(wav, self.cfg.window_s, self.cfg.hop_s)
+            emb = self.embedder.embed(windows)
+            sims = emb @ emb.T
+            pairs = sims[np.triu_indices(len(emb), k=1)]
+            out.append(
+                {
+                    "min_similarity": round(float(pairs.min()), 4) if len(pairs) else 1.0,
+                    "mean_similarity": round(float(pairs.mean()), 4) if len(pairs) else 1.0,
+                    "windows": len(windows),
+                }
+            )
+        return out
+
+    def verdict(self, scores: dict) -> str | None:
+        return "multi_speaker" if scores["min_similarity"] < self.cfg.min_similarity else None

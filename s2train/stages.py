@@ -1,0 +1,23 @@
+"""The registry of stages: ``stage=<name>`` -> the module whose ``run(cfg) -> dict`` does the work.
+
+Each stage writes only under its own run directory and returns its headline figures.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+STAGES: dict[str, str] = {
+    "demo_corpus": "data_pipeline.demo_corpus",
+    "clean": "data_pipeline.clean",
+    "pipeline": "s2train.cli",
+}
+
+
+def stage_runner(name: str) -> Callable[[Any], dict]:
+    if name not in STAGES:
+        known = ", ".join(sorted(STAGES))
+        raise ValueError(f"unknown stage {name!r}; the known stages are: {known}")
+    return importlib.import_module(STAGES[name]).run
