@@ -1,0 +1,146 @@
+"""Throughput of the clean stage, judge by judge, in seconds of audio per wall-clock second.
+
+Each judge runs over the same good recordings of the demo corpus; where a stock way of running the
+same model exists, it runs in the same process on the same audio and the ratio is reported:
+
+- VAD: our streaming frame loop + region logic against silero-vad's ``get_speech_timestamps``.
+- DNSMOS: our scorer (sessions made once) against ``speechmos.dnsmos.run`` at the same 1 s hop.
+- speaker: our batched windows against resemblyzer's ``embed_utterance(return_partials=True)``.
+
+    python benchmarks/clean.py                 # builds the demo corpus under runs/bench if needed
+    python benchmarks/clean.py --corpus DIR    # any folder of audio
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from omegaconf import OmegaConf
+
+from s2train.audio import resample
+from s2train.config import S2Config
+
+
+def timed(fn, *args, repeat: int = 1):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/clean.json"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg: S2Config = OmegaConf.to_object(OmegaConf.structured(S2Config(stage="clean", name="bench")))
+    if args.corpus is None:
+        from data_pipeline import demo_corpus
+
+        corpus_cfg = replace(cfg, stage="demo_corpus", run_dir="runs/bench/demo_corpus")
+        args.corpus = Path(demo_corpus.run(corpus_cfg)["corpus"])
+    files = sorted(p for p in args.corpus.glob("*.wav") if not p.name.startswith("bad_"))
+    wavs = []
+    for path in files:
+        audio, rate = sf.read(path, dtype="float32", always_2d=True)
+        wavs.append(resample(audio.mean(axis=1), rate, 16000))
+    audio_s = sum(len(w) for w in wavs) / 16000
+    rows: dict[str, dict] = {}
+
+    def record(name: str, ours_s: float, baseline_s: float | None = None, baseline: str | None = None):
+        row = {"seconds": round(ours_s, 3), "x_realtime": round(audio_s / ours_s, 2)}
+        if baseline_s is not None:
+            row |= {"baseline": baseline, "baseline_seconds": round(baseline_s, 3),
+                    "baseline_x_realtime": round(audio_s / baseline_s, 2), "speedup": round(baseline_s / ours_s, 3)}
+        rows[name] = row
+        print(f"{name:<28} {row}")
+
+    # VAD ---------------------------------------------------------------------------------------
+    from silero_vad import get_speech_timestamps
+
+    from s2train.judges.vad import SileroVAD, speech_regions
+
+    vad = SileroVAD(cfg.judges.vad)
+    ours, _ = timed(lambda: [speech_regions(vad.probabilities([w]), cfg.judges.vad, len(w) / 16000) for w in wavs])
+    base, _ = timed(lambda: [get_speech_timestamps(torch.from_numpy(w), vad.model, sampling_rate=16000) for w in wavs])
+    record("vad (silero)", ours, base, "silero_vad.get_speech_timestamps")
+
+    # DNSMOS ------------------------------------------------------------------------------------
+    from speechmos import dnsmos as speechmos_dnsmos
+
+    from s2train.judges.quality import dnsmos_model
+
+    model = dnsmos_model(args.threads)
+    model(wavs[0][:16000], 1.0)  # warm the sessions, as a long run would be
+    speechmos_dnsmos.run(wavs[0][:16000], sr=16000)
+    ours, _ = timed(lambda: [model(w, 1.0) for w in wavs])
+    base, _ = timed(lambda: [speechmos_dnsmos.run(np.clip(w, -1, 1), sr=16000) for w in wavs])
+    record("dnsmos hop 1 s", ours, base, "speechmos.dnsmos.run (1 s hop)")
+    ours, _ = timed(lambda: [model(w, 9.01) for w in wavs])
+    record("dnsmos hop 9.01 s (demo)", ours, base, "speechmos.dnsmos.run (1 s hop)")
+
+    # speaker -----------------------------------------------------------------------------------
+    from s2train.judges.speaker import SpeakerJudge
+
+    judge = SpeakerJudge(cfg.judges.speaker)
+    judge([wavs[0][:32000]])
+    ours, _ = timed(lambda: judge(wavs))
+    encoder = judge.embedder.encoder
+    base, _ = timed(lambda: [encoder.embed_utterance(w, return_partials=True, rate=1 / 0.8) for w in wavs])
+    record("speaker (resemblyzer)", ours, base, "resemblyzer embed_utterance(return_partials)")
+
+    # ASR ---------------------------------------------------------------------------------------
+    from s2train.judges.asr import PocketSphinxASR
+
+    asr = PocketSphinxASR(cfg.judges.asr)
+    ours, _ = timed(lambda: asr(wavs, ["en"] * len(wavs)))
+    record("asr (pocketsphinx)", ours)
+
+    # captioner ---------------------------------------------------------------------------------
+    from s2train.judges.captioner import RuleCaptioner
+
+    captioner = RuleCaptioner(cfg.judges.captioner)
+    captioner.measure(wavs[0][:32000], "warm up", 2.0)  # numba compiles pYIN's kernels once
+    ours, _ = timed(lambda: [captioner.measure(w, "", len(w) / 16000) for w in wavs])
+    record("captioner (pyin, lufs)", ours)
+
+    # the whole stage ---------------------------------------------------------------------------
+    from data_pipeline import clean
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stage_cfg = replace(
+            cfg, run_dir=tmp, data=replace(cfg.data, path=str(args.corpus)),
+            clean=replace(cfg.clean, sample_rate=16000, progress=False),
+            judges=replace(cfg.judges, quality=replace(cfg.judges.quality, dnsmos_ovrl_min=0.0)),
+        )
+        start = time.perf_counter()
+        result = clean.run(stage_cfg)
+        whole = time.perf_counter() - start
+    all_audio = result["input_h"] * 3600
+    rows["whole stage"] = {"seconds": round(whole, 2), "audio_s": round(all_audio, 1),
+                           "x_realtime": round(all_audio / whole, 2), "note": "all files, bad ones included"}
+    print(f"{'whole stage':<28} {rows['whole stage']}")
+
+    report = {"audio_s": round(audio_s, 1), "files": len(files), "threads": args.threads,
+              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "judges": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

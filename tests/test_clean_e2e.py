@@ -1,0 +1,133 @@
+"""End to end: ``python -m s2train experiment=demo`` builds the demo corpus and cleans it, and the
+result holds up against the corpus's truth file."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import soundfile as sf
+import yaml
+
+from eval.wer import wer
+from tests.conftest import read_jsonl
+
+CONTRACT_FIELDS = {
+    "id", "source", "start", "end", "duration", "sample_rate", "lang", "lang_prob", "text", "asr_text",
+    "asr_logprob", "speaker", "dnsmos", "snr_db", "bandwidth_hz", "pitch_hz", "pitch_std", "speaking_rate",
+    "loudness_lufs", "caption", "tags", "pipeline_version",
+}
+
+
+def test_every_bad_item_gets_its_expected_rejection(demo_clean, truth):
+    rejects = read_jsonl(demo_clean / "rejects.jsonl")
+    manifest = read_jsonl(demo_clean / "manifest.jsonl")
+    bad = {name: row for name, row in truth.items() if row["kind"] == "bad"}
+    assert len(bad) >= 7 - 1  # noisy, clipped, silence, corrupt, overlap, tone (+ the two kept files)
+    for name, row in bad.items():
+        mine = [r for r in rejects if r["source"] == name]
+        assert mine, f"{name} was not rejected"
+        reasons = {(r["stage"], r["reason"]) for r in mine}
+        expected = (row["expected"]["stage"], row["expected"]["reason"])
+        assert expected in reasons, f"{name}: expected {expected}, got {reasons}"
+        assert not [m for m in manifest if m["source"] == name], f"part of {name} was kept"
+        assert all(isinstance(r["values"], dict) and r["values"] for r in mine)
+
+
+def test_other_rate_and_stereo_files_are_kept_after_conversion(demo_clean, truth):
+    manifest = read_jsonl(demo_clean / "manifest.jsonl")
+    awkward = [name for name, row in truth.items() if row["kind"] == "good" and (row["sample_rate"] != 16000 or row["channels"] == 2)]
+    assert {truth[n]["sample_rate"] for n in awkward} >= {44100, 16000} and any(truth[n]["channels"] == 2 for n in awkward)
+    for name in awkward:
+        kept = [m for m in manifest if m["source"] == name]
+        assert kept, f"{name} was lost"
+        assert all(m["sample_rate"] == 16000 for m in kept)
+
+
+def _covered(sentence: dict, segments: list[dict], slack: float = 0.2) -> bool:
+    return any(m["start"] - slack <= sentence["start"] and sentence["end"] <= m["end"] + slack for m in segments)
+
+
+def test_at_least_95_percent_of_good_sentences_survive(demo_clean, truth):
+    manifest = read_jsonl(demo_clean / "manifest.jsonl")
+    good = [(name, s) for name, row in truth.items() if row["kind"] == "good" for s in row["sentences"]]
+    assert len(good) >= 50
+    survived = [1 for name, s in good if _covered(s, [m for m in manifest if m["source"] == name])]
+    assert len(survived) / len(good) >= 0.95, f"{len(survived)}/{len(good)} good sentences survived"
+
+
+def test_asr_word_error_rate_of_kept_english_flite_segments(demo_clean, truth):
+    manifest = read_jsonl(demo_clean / "manifest.jsonl")
+    refs, hyps = [], []
+    for m in manifest:
+        row = truth[m["source"]]
+        if row["kind"] != "good" or row["lang"] != "en":
+            continue
+        inside = [s for s in row["sentences"] if m["start"] <= (s["start"] + s["end"]) / 2 <= m["end"]]
+        refs.append(" ".join(s["text"] for s in inside))
+        hyps.append(m["asr_text"])
+    assert len(refs) >= 8
+    score = wer(refs, hyps)
+    assert score <= 0.15, f"pocketsphinx WER on kept English segments is {score:.3f}"
+
+
+def test_stats_add_up(demo_clean, truth):
+    stats = json.loads((demo_clean / "stats.json").read_text())
+    input_s = sum(row.get("duration") or 0.0 for row in truth.values())
+    assert stats["complete"] and stats["files"] == len(truth)
+    assert abs(stats["input_s"] - input_s) < 0.05
+    total = stats["kept_s"] + stats["rejected_s"] + stats["trimmed_s"]
+    assert abs(total - stats["input_s"]) < 0.5, stats
+    assert 0 <= stats["trimmed_s"] < 0.2 * stats["input_s"]  # VAD trims lead-in, tails and short gaps
+    per_reason = sum(c["seconds"] for reasons in stats["by_stage"].values() for c in reasons.values())
+    assert abs(per_reason - stats["rejected_s"]) < 0.01
+    assert stats["kept_segments"] == len(read_jsonl(demo_clean / "manifest.jsonl"))
+    assert (demo_clean / "stats.png").stat().st_size > 5000
+
+
+def test_shards_follow_the_contract_and_load_with_webdataset(demo_clean):
+    import webdataset as wds
+
+    manifest = {m["id"]: m for m in read_jsonl(demo_clean / "manifest.jsonl")}
+    keys = []
+    for shard in sorted((demo_clean / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            names = tar.getnames()
+        assert all(n.count(".") == 1 for n in names)  # {key}.flac / {key}.json, keys without dots
+        for sample in wds.WebDataset(str(shard), shardshuffle=False):
+            meta = json.loads(sample["json"])
+            keys.append(sample["__key__"])
+            assert CONTRACT_FIELDS <= set(meta), CONTRACT_FIELDS - set(meta)
+            assert meta["id"] == sample["__key__"] and "." not in meta["id"]
+            audio, rate = sf.read(io.BytesIO(sample["flac"]))
+            info = sf.info(io.BytesIO(sample["flac"]))
+            assert info.channels == 1 and info.subtype == "PCM_16" and rate == meta["sample_rate"]
+            assert abs(len(audio) / rate - meta["duration"]) < 0.01
+            assert 3.0 <= meta["duration"] <= 30.0
+            assert set(meta["dnsmos"]) == {"ovrl", "sig", "bak", "p808"}
+            assert meta["caption"] and isinstance(meta["tags"], list)
+            assert np.abs(audio).max() > 0.05
+    assert sorted(keys) == sorted(manifest) and len(set(keys)) == len(keys)
+
+
+def test_long_recording_is_split_at_a_pause(demo_clean, truth):
+    manifest = read_jsonl(demo_clean / "manifest.jsonl")
+    pieces = sorted((m for m in manifest if m["source"] == "awb_long.wav"), key=lambda m: m["start"])
+    assert truth["awb_long.wav"]["duration"] > 30 and len(pieces) >= 2
+    sentences = truth["awb_long.wav"]["sentences"]
+    for left, right in zip(pieces, pieces[1:]):
+        cut = (left["end"] + right["start"]) / 2
+        assert not any(s["start"] + 0.1 < cut < s["end"] - 0.1 for s in sentences), "a split cut a sentence"
+
+
+def test_run_directory_records_config_commit_and_seed(demo_root):
+    for stage in ("demo_corpus", "clean"):
+        run_dir = demo_root / "demo" / stage
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        run = json.loads((run_dir / "run.json").read_text())
+        assert config["stage"] == stage and config["name"] == "demo" and config["run_dir"] == str(run_dir)
+        assert run["seed"] == config["seed"] == 0
+        assert len(run["git"]["commit"]) in (40, len("unknown"))
+        assert json.loads((run_dir / "results.json").read_text())["stage"] == stage
