@@ -51,10 +51,14 @@ class SpeechBrainEmbedder:
         from speechbrain.inference.speaker import EncoderClassifier
         from speechbrain.utils.fetching import LocalStrategy
 
+        folder = str(Path(folder).resolve())
+        # A downloaded spkrec-ecapa-voxceleb names its hub id as pretrained_path: point it here instead.
+        has_path = "pretrained_path:" in (Path(folder) / "hyperparams.yaml").read_text()
         self.model = EncoderClassifier.from_hparams(
-            source=str(Path(folder).resolve()),
-            savedir=str(Path(folder).resolve()),
+            source=folder,
+            savedir=folder,
             run_opts={"device": device},
+            overrides={"pretrained_path": folder} if has_path else {},
             local_strategy=LocalStrategy.NO_LINK,
         )
 
