@@ -70,7 +70,14 @@ class UnitResult:
 
     def reject(self, source: str, start: float, end: float, stage: str, reason: str, values: dict) -> None:
         self.rejects.append(
-            {"source": source, "start": round(start, 3), "end": round(end, 3), "stage": stage, "reason": reason, "values": values}
+            {
+                "source": source,
+                "start": round(start, 3),
+                "end": round(end, 3),
+                "stage": stage,
+                "reason": reason,
+                "values": values,
+            }
         )
 
 
@@ -90,6 +97,13 @@ def _round(obj):
     return obj
 
 
+def _error(item: SourceItem, error: Exception) -> dict:
+    message = f"{type(error).__name__}: {error}"
+    if item.location:  # records stay the same wherever the data is mounted
+        message = message.replace(item.location, item.source)
+    return {"error": message[:300]}
+
+
 def process_item(item: SourceItem, cfg: S2Config, judges: Judges, out: UnitResult) -> float:
     """Clean one recording into ``out``; returns its duration in seconds."""
     src = item.source
@@ -97,7 +111,7 @@ def process_item(item: SourceItem, cfg: S2Config, judges: Judges, out: UnitResul
     try:
         reader = item.open()
     except Exception as error:  # any decoder failure rejects the file; it never stops the run
-        out.reject(src, 0.0, 0.0, "decode", "unreadable", {"error": f"{type(error).__name__}: {error}"[:300]})
+        out.reject(src, 0.0, 0.0, "decode", "unreadable", _error(item, error))
         return 0.0
     try:
         duration = reader.duration
@@ -108,11 +122,20 @@ def process_item(item: SourceItem, cfg: S2Config, judges: Judges, out: UnitResul
         try:
             probs = judges.vad.probabilities(stream_mono(reader, JUDGE_RATE, cfg.clean.block_s))
         except Exception as error:  # a file that breaks part-way through decoding
-            out.reject(src, 0.0, duration, "decode", "unreadable", {"error": f"{type(error).__name__}: {error}"[:300]})
+            out.reject(
+                src,
+                0.0,
+                duration,
+                "decode",
+                "unreadable",
+                _error(item, error),
+            )
             return duration
         regions = speech_regions(probs, cfg.judges.vad, duration)
         if not regions:
-            out.reject(src, 0.0, duration, "vad", "no_speech", {"max_speech_prob": float(probs.max(initial=0.0))})
+            out.reject(
+                src, 0.0, duration, "vad", "no_speech", {"max_speech_prob": float(probs.max(initial=0.0))}
+            )
             return duration
         segments, short = plan_segments(regions, cfg.judges.vad)
         out.stats["trimmed_s"] += duration - sum(s.duration for s in segments + short)
@@ -122,7 +145,9 @@ def process_item(item: SourceItem, cfg: S2Config, judges: Judges, out: UnitResul
             out.reject(src, s.start, s.end, "vad", "too_short", {"duration": round(s.duration, 3)})
         for first in range(0, len(segments), SEGMENT_BATCH):
             batch = segments[first : first + SEGMENT_BATCH]
-            _judge_segments(item, reader, batch, [index[id(s)] for s in batch], len(everything), cfg, judges, out)
+            _judge_segments(
+                item, reader, batch, [index[id(s)] for s in batch], len(everything), cfg, judges, out
+            )
         return duration
     finally:
         reader.close()
@@ -130,11 +155,15 @@ def process_item(item: SourceItem, cfg: S2Config, judges: Judges, out: UnitResul
 
 def _speech_only(wav: np.ndarray, seg: Segment) -> np.ndarray:
     """The segment's 16 kHz audio with its internal pauses cut out."""
-    parts = [wav[int((a - seg.start) * JUDGE_RATE) : int((b - seg.start) * JUDGE_RATE)] for a, b in seg.regions]
+    parts = [
+        wav[int((a - seg.start) * JUDGE_RATE) : int((b - seg.start) * JUDGE_RATE)] for a, b in seg.regions
+    ]
     return np.concatenate(parts) if parts else wav
 
 
-def _judge_segments(item, reader, segments, indices, n_segments, cfg: S2Config, judges: Judges, out: UnitResult):
+def _judge_segments(
+    item, reader, segments, indices, n_segments, cfg: S2Config, judges: Judges, out: UnitResult
+):
     src = item.source
     excerpts = [read_excerpt(reader, s.start, s.end, cfg.clean.sample_rate, JUDGE_RATE) for s in segments]
     quality = judges.quality([e.judge for e in excerpts], [(e.native, e.native_rate) for e in excerpts])
@@ -154,7 +183,9 @@ def _judge_segments(item, reader, segments, indices, n_segments, cfg: S2Config, 
             out.reject(src, segments[i].start, segments[i].end, "speaker", reason, speaker[i])
         else:
             passed.append(i)
-    transcripts = dict(zip(passed, judges.asr([excerpts[i].judge for i in passed], [item.lang] * len(passed))))
+    transcripts = dict(
+        zip(passed, judges.asr([excerpts[i].judge for i in passed], [item.lang] * len(passed)))
+    )
     for i in passed:
         seg, t, q = segments[i], transcripts[i], quality[i]
         reason, values = transcript_checks(t, cfg.judges.asr)
@@ -165,7 +196,12 @@ def _judge_segments(item, reader, segments, indices, n_segments, cfg: S2Config, 
         pauses = [(a - seg.start, b - seg.start) for a, b in seg.pauses]
         speech_s = sum(b - a for a, b in seg.regions)
         described = judges.captioner(
-            key, excerpts[i].judge, t.text, t.words, pauses, speech_s,
+            key,
+            excerpts[i].judge,
+            t.text,
+            t.words,
+            pauses,
+            speech_s,
             {"snr_db": q["snr_db"], "bandwidth_hz": q["bandwidth_hz"]},
         )
         own_text = item.text if (item.text and n_segments == 1) else None
@@ -206,16 +242,23 @@ def _judge_segments(item, reader, segments, indices, n_segments, cfg: S2Config, 
 def _write_shard(path: Path, samples: list[tuple[str, bytes, dict]]) -> None:
     with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
         for key, flac, meta in samples:
-            for name, payload in ((f"{key}.flac", flac), (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())):
+            for name, payload in (
+                (f"{key}.flac", flac),
+                (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode()),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(payload), 0, 0o644
                 tar.addfile(info, io.BytesIO(payload))
 
 
 def _plan(items: list[SourceItem], files_per_shard: int) -> dict:
-    digest = hashlib.sha256("\n".join(i.source for i in items).encode()).hexdigest()[:16]
-    return {"files": len(items), "files_per_shard": files_per_shard, "sources_sha256": digest,
-            "units": (len(items) + files_per_shard - 1) // files_per_shard}
+    digest = hashlib.sha256("\n".join(f"{i.source}\t{i.version}" for i in items).encode()).hexdigest()[:16]
+    return {
+        "files": len(items),
+        "files_per_shard": files_per_shard,
+        "sources_sha256": digest,
+        "units": (len(items) + files_per_shard - 1) // files_per_shard,
+    }
 
 
 def run(cfg: S2Config) -> dict:
@@ -242,22 +285,34 @@ def run(cfg: S2Config) -> dict:
     started, audio_s = time.perf_counter(), 0.0
     if todo:
         judges = Judges(cfg)
-        bar = tqdm(total=sum(len(items[u * per : (u + 1) * per]) for u in todo), unit="file",
-                   desc=f"clean p{cfg.data.partition}/{cfg.data.num_partitions}", disable=not cfg.clean.progress)
+        bar = tqdm(
+            total=sum(len(items[u * per : (u + 1) * per]) for u in todo),
+            unit="file",
+            desc=f"clean p{cfg.data.partition}/{cfg.data.num_partitions}",
+            disable=not cfg.clean.progress,
+        )
         for u in todo:
             result = UnitResult()
             for item in items[u * per : (u + 1) * per]:
                 audio_s += process_item(item, cfg, judges, result)
                 bar.update(1)
-                bar.set_postfix(audio=f"{audio_s:.0f}s", speed=f"{audio_s / (time.perf_counter() - started):.1f}x")
+                bar.set_postfix(
+                    audio=f"{audio_s:.0f}s", speed=f"{audio_s / (time.perf_counter() - started):.1f}x"
+                )
             shard = f"shard-{u:06d}.tar" if result.samples else None
             if shard:
                 _write_shard(shards / shard, result.samples)
             result.manifest = [{**meta, "shard": f"shards/{shard}"} for _, _, meta in result.samples]
             write_json_atomic(
                 units / f"{u:06d}.json",
-                {"unit": u, "shard": shard, "sources": [i.source for i in items[u * per : (u + 1) * per]],
-                 "manifest": result.manifest, "rejects": result.rejects, "stats": _round(result.stats)},
+                {
+                    "unit": u,
+                    "shard": shard,
+                    "sources": [i.source for i in items[u * per : (u + 1) * per]],
+                    "manifest": result.manifest,
+                    "rejects": result.rejects,
+                    "stats": _round(result.stats),
+                },
             )
         bar.close()
     stats = aggregate(run_dir, plan["units"])
@@ -281,9 +336,15 @@ def aggregate(run_dir: Path, units_total: int) -> dict:
     markers = [json.loads(p.read_text()) for p in sorted((run_dir / "units").glob("[0-9]*.json"))]
     manifest = [row for m in markers for row in m["manifest"]]
     rejects = [row for m in markers for row in m["rejects"]]
-    write_text_atomic(run_dir / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in manifest))
-    write_text_atomic(run_dir / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
-    totals = {k: round(sum(m["stats"][k] for m in markers), 3) for k in ("files", "input_s", "kept_s", "trimmed_s")}
+    write_text_atomic(
+        run_dir / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in manifest)
+    )
+    write_text_atomic(
+        run_dir / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    )
+    totals = {
+        k: round(sum(m["stats"][k] for m in markers), 3) for k in ("files", "input_s", "kept_s", "trimmed_s")
+    }
     by_stage: dict[str, dict[str, dict]] = {s: {} for s in STAGE_ORDER}
     for r in rejects:
         cell = by_stage[r["stage"]].setdefault(r["reason"], {"count": 0, "seconds": 0.0})
@@ -322,7 +383,9 @@ def _plot_stats(path: Path, stats: dict) -> None:
     colors = ["tab:green", "tab:gray"] + ["tab:red"] * (len(labels) - 2)
     ax.barh(labels[::-1], seconds[::-1], color=colors[::-1])
     ax.set_xlabel("seconds of audio")
-    ax.set_title(f"clean: {stats['files']} files, {stats['input_s'] / 60:.1f} min in, {stats['kept_s'] / 60:.1f} min kept")
+    ax.set_title(
+        f"clean: {stats['files']} files, {stats['input_s'] / 60:.1f} min in, {stats['kept_s'] / 60:.1f} min kept"
+    )
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

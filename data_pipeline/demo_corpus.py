@@ -46,7 +46,9 @@ VOICES = {
 
 
 def sentences(lang: str) -> list[str]:
-    return [s.strip() for s in (SENTENCES / f"{lang}.txt").read_text(encoding="utf-8").splitlines() if s.strip()]
+    return [
+        s.strip() for s in (SENTENCES / f"{lang}.txt").read_text(encoding="utf-8").splitlines() if s.strip()
+    ]
 
 
 def check_tools() -> None:
@@ -81,7 +83,9 @@ class Builder:
     def take(self, speaker: str) -> str:
         lang = VOICES[speaker][2]
         pool = sentences(lang)
-        offset = [s for s in VOICES if VOICES[s][2] == lang].index(speaker) * 10  # voices of a language differ
+        offset = [s for s in VOICES if VOICES[s][2] == lang].index(
+            speaker
+        ) * 10  # voices of a language differ
         i = self.next_sentence.get(speaker, offset)
         self.next_sentence[speaker] = i + 1
         return pool[i % len(pool)]
@@ -93,8 +97,15 @@ class Builder:
         while t < target_s - 0.5:
             text = self.take(speaker)
             audio = synthesize(speaker, text, self.sr)
-            rows.append({"text": text, "lang": VOICES[speaker][2], "speaker": speaker,
-                         "start": round(t, 3), "end": round(t + len(audio) / self.sr, 3)})
+            rows.append(
+                {
+                    "text": text,
+                    "lang": VOICES[speaker][2],
+                    "speaker": speaker,
+                    "start": round(t, 3),
+                    "end": round(t + len(audio) / self.sr, 3),
+                }
+            )
             gap = np.zeros(int(self.rng.uniform(*pause) * self.sr), np.float32)
             parts += [audio, gap]
             t += (len(audio) + len(gap)) / self.sr
@@ -104,23 +115,53 @@ class Builder:
     def noise(self, n: int, level: float = NOISE_FLOOR) -> np.ndarray:
         return (self.rng.standard_normal(n) * level).astype(np.float32)
 
-    def write(self, name: str, audio: np.ndarray, rate: int, *, kind: str, sentences_: list[dict],
-              expected: dict | None = None, lang: str | None = None, speaker: str | None = None,
-              note: str = "") -> None:
+    def write(
+        self,
+        name: str,
+        audio: np.ndarray,
+        rate: int,
+        *,
+        kind: str,
+        sentences_: list[dict],
+        expected: dict | None = None,
+        lang: str | None = None,
+        speaker: str | None = None,
+        note: str = "",
+    ) -> None:
         path = self.out / name
         with atomic_path(path) as tmp:
             sf.write(tmp, audio, rate, format="WAV", subtype="PCM_16")
         channels = 1 if audio.ndim == 1 else audio.shape[1]
-        self.truth.append({"file": name, "kind": kind, "expected": expected, "sample_rate": rate,
-                           "channels": channels, "duration": round(len(audio) / rate, 3), "lang": lang,
-                           "speaker": speaker, "note": note, "sentences": sentences_})
+        self.truth.append(
+            {
+                "file": name,
+                "kind": kind,
+                "expected": expected,
+                "sample_rate": rate,
+                "channels": channels,
+                "duration": round(len(audio) / rate, 3),
+                "lang": lang,
+                "speaker": speaker,
+                "note": note,
+                "sentences": sentences_,
+            }
+        )
         if lang:
-            self.metadata.append({"file_name": name, "lang": lang, **({"speaker": speaker} if speaker else {})})
+            self.metadata.append(
+                {"file_name": name, "lang": lang, **({"speaker": speaker} if speaker else {})}
+            )
 
     def good(self, speaker: str, index: int, target_s: float) -> None:
         audio, rows = self.speech(speaker, target_s)
-        self.write(f"{speaker}_{index:02d}.wav", audio + self.noise(len(audio)), self.sr, kind="good",
-                   sentences_=rows, lang=VOICES[speaker][2], speaker=speaker)
+        self.write(
+            f"{speaker}_{index:02d}.wav",
+            audio + self.noise(len(audio)),
+            self.sr,
+            kind="good",
+            sentences_=rows,
+            lang=VOICES[speaker][2],
+            speaker=speaker,
+        )
 
     def build(self) -> None:
         c = self.cfg.demo_corpus
@@ -129,35 +170,87 @@ class Builder:
                 self.good(speaker, index, self.rng.uniform(c.min_recording_s, c.max_recording_s))
         # longer than a segment may be: the clean stage must split it at its longest pause
         audio, rows = self.speech("awb", c.long_recording_s)
-        self.write("awb_long.wav", audio + self.noise(len(audio)), self.sr, kind="good", sentences_=rows,
-                   lang="en", speaker="awb", note="longer than judges.vad.max_segment_s: split at a pause")
+        self.write(
+            "awb_long.wav",
+            audio + self.noise(len(audio)),
+            self.sr,
+            kind="good",
+            sentences_=rows,
+            lang="en",
+            speaker="awb",
+            note="longer than judges.vad.max_segment_s: split at a pause",
+        )
 
         # good but awkward: another sample rate, and stereo; both must be kept after conversion
         audio, rows = self.speech("rms", c.min_recording_s)
         audio = resample(audio + self.noise(len(audio)), self.sr, 44100)
-        self.write("rms_44k.wav", audio, 44100, kind="good", sentences_=rows, lang="en", speaker="rms",
-                   note="44.1 kHz: resampled on the way in")
+        self.write(
+            "rms_44k.wav",
+            audio,
+            44100,
+            kind="good",
+            sentences_=rows,
+            lang="en",
+            speaker="rms",
+            note="44.1 kHz: resampled on the way in",
+        )
         audio, rows = self.speech("slt", c.min_recording_s)
         stereo = np.stack([audio + self.noise(len(audio)), 0.8 * audio + self.noise(len(audio))], axis=1)
-        self.write("slt_stereo.wav", stereo, self.sr, kind="good", sentences_=rows, lang="en", speaker="slt",
-                   note="stereo: mixed down on the way in")
+        self.write(
+            "slt_stereo.wav",
+            stereo,
+            self.sr,
+            kind="good",
+            sentences_=rows,
+            lang="en",
+            speaker="slt",
+            note="stereo: mixed down on the way in",
+        )
 
         # bad material, each with the verdict it must get
         audio, rows = self.speech("rms", c.min_recording_s)
         speech_rms = float(np.sqrt(np.mean(audio[np.abs(audio) > 0.01] ** 2)))
-        self.write("bad_noisy.wav", audio + self.noise(len(audio), speech_rms), self.sr, kind="bad",
-                   sentences_=rows, lang="en", expected={"stage": "quality", "reason": "low_snr"},
-                   note="white noise at 0 dB SNR")
+        self.write(
+            "bad_noisy.wav",
+            audio + self.noise(len(audio), speech_rms),
+            self.sr,
+            kind="bad",
+            sentences_=rows,
+            lang="en",
+            expected={"stage": "quality", "reason": "low_snr"},
+            note="white noise at 0 dB SNR",
+        )
         audio, rows = self.speech("slt", c.min_recording_s)
-        self.write("bad_clipped.wav", np.clip(audio * 8.0, -1.0, 1.0) + 0.0, self.sr, kind="bad",
-                   sentences_=rows, lang="en", expected={"stage": "quality", "reason": "clipping"},
-                   note="amplified 18 dB into hard clipping")
-        self.write("bad_silence.wav", self.noise(int(c.min_recording_s * self.sr)), self.sr, kind="bad",
-                   sentences_=[], expected={"stage": "vad", "reason": "no_speech"}, note="noise floor only")
+        self.write(
+            "bad_clipped.wav",
+            np.clip(audio * 8.0, -1.0, 1.0) + 0.0,
+            self.sr,
+            kind="bad",
+            sentences_=rows,
+            lang="en",
+            expected={"stage": "quality", "reason": "clipping"},
+            note="amplified 18 dB into hard clipping",
+        )
+        self.write(
+            "bad_silence.wav",
+            self.noise(int(c.min_recording_s * self.sr)),
+            self.sr,
+            kind="bad",
+            sentences_=[],
+            expected={"stage": "vad", "reason": "no_speech"},
+            note="noise floor only",
+        )
         t = np.arange(int(c.min_recording_s * self.sr)) / self.sr
         tone = 0.3 * np.sin(2 * np.pi * 440.0 * t) + 0.1 * np.sin(2 * np.pi * 880.0 * t)
-        self.write("bad_tone.wav", tone.astype(np.float32), self.sr, kind="bad", sentences_=[],
-                   expected={"stage": "vad", "reason": "no_speech"}, note="440 Hz tone with one harmonic")
+        self.write(
+            "bad_tone.wav",
+            tone.astype(np.float32),
+            self.sr,
+            kind="bad",
+            sentences_=[],
+            expected={"stage": "vad", "reason": "no_speech"},
+            note="440 Hz tone with one harmonic",
+        )
         a, rows_a = self.speech("awb", 12.0)
         b, rows_b = self.speech("slt", 12.0)
         shift = len(a) - int(5.0 * self.sr)  # slt starts talking 5 s before awb stops
@@ -165,15 +258,32 @@ class Builder:
         mix[: len(a)] += a
         mix[shift:] += b
         for row in rows_b:
-            row["start"], row["end"] = round(row["start"] + shift / self.sr, 3), round(row["end"] + shift / self.sr, 3)
-        self.write("bad_overlap.wav", mix + self.noise(len(mix)), self.sr, kind="bad", sentences_=rows_a + rows_b,
-                   lang="en", expected={"stage": "speaker", "reason": "multi_speaker"},
-                   note="two voices, overlapping for 5 s")
+            row["start"], row["end"] = (
+                round(row["start"] + shift / self.sr, 3),
+                round(row["end"] + shift / self.sr, 3),
+            )
+        self.write(
+            "bad_overlap.wav",
+            mix + self.noise(len(mix)),
+            self.sr,
+            kind="bad",
+            sentences_=rows_a + rows_b,
+            lang="en",
+            expected={"stage": "speaker", "reason": "multi_speaker"},
+            note="two voices, overlapping for 5 s",
+        )
         corrupt = b"RIFF\x24\x08\x00\x00WAVEfmt " + self.rng.bytes(3000)
         with atomic_path(self.out / "bad_corrupt.wav") as tmp:
             tmp.write_bytes(corrupt)
-        self.truth.append({"file": "bad_corrupt.wav", "kind": "bad", "sentences": [], "note": "a broken header",
-                           "expected": {"stage": "decode", "reason": "unreadable"}})
+        self.truth.append(
+            {
+                "file": "bad_corrupt.wav",
+                "kind": "bad",
+                "sentences": [],
+                "note": "a broken header",
+                "expected": {"stage": "decode", "reason": "unreadable"},
+            }
+        )
 
 
 def calibrate(out: Path, truth: list[dict], margin: float) -> dict:
@@ -187,8 +297,12 @@ def calibrate(out: Path, truth: list[dict], margin: float) -> dict:
             audio, rate = sf.read(out / row["file"], dtype="float32", always_2d=True)
             measured[row["file"]] = round(model(resample(audio.mean(axis=1), rate, 16000), 9.01)["ovrl"], 3)
     threshold = min(3.0, float(np.floor((min(measured.values()) - margin) * 100) / 100))
-    return {"dnsmos_ovrl_min": threshold, "margin": margin, "measured_ovrl": measured,
-            "rule": "min OVRL of the good demo recordings minus the margin, at most 3.0"}
+    return {
+        "dnsmos_ovrl_min": threshold,
+        "margin": margin,
+        "measured_ovrl": measured,
+        "rule": "min OVRL of the good demo recordings minus the margin, at most 3.0",
+    }
 
 
 def run(cfg: S2Config) -> dict:
@@ -206,13 +320,20 @@ def run(cfg: S2Config) -> dict:
         out.mkdir(parents=True)
         builder = Builder(cfg, out)
         builder.build()
-        write_text_atomic(out / "metadata.jsonl", "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in builder.metadata))
+        write_text_atomic(
+            out / "metadata.jsonl",
+            "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in builder.metadata),
+        )
         if cfg.demo_corpus.calibrate:
             write_json_atomic(out / "quality_calibration.json", calibrate(out, builder.truth, margin=0.2))
         write_text_atomic(stamp, fingerprint)
-        write_text_atomic(done, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in builder.truth))  # last
+        write_text_atomic(
+            done, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in builder.truth)
+        )  # last
     truth = [json.loads(line) for line in done.read_text(encoding="utf-8").splitlines()]
-    calibration = json.loads((out / "quality_calibration.json").read_text()) if cfg.demo_corpus.calibrate else {}
+    calibration = (
+        json.loads((out / "quality_calibration.json").read_text()) if cfg.demo_corpus.calibrate else {}
+    )
     return {
         "corpus": str(out),
         "recordings": len(truth),

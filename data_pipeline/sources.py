@@ -34,6 +34,8 @@ class SourceItem:
     lang: str | None = None
     speaker: str | None = None
     text: str | None = None
+    version: str = ""  # changes when the audio changes (size and mtime of a file), where cheap to know
+    location: str = ""  # where the audio lives on this machine; records name the source instead
 
 
 def list_items(cfg: DataConfig) -> list[SourceItem]:
@@ -49,7 +51,9 @@ def list_items(cfg: DataConfig) -> list[SourceItem]:
 def _meta_fields(meta: dict) -> dict:
     return {
         "lang": meta.get("lang") or meta.get("language"),
-        "speaker": None if meta.get("speaker", meta.get("speaker_id")) is None else str(meta.get("speaker", meta.get("speaker_id"))),
+        "speaker": None
+        if meta.get("speaker", meta.get("speaker_id")) is None
+        else str(meta.get("speaker", meta.get("speaker_id"))),
         "text": meta.get("text") or meta.get("transcription"),
     }
 
@@ -71,6 +75,8 @@ def _folder_items(cfg: DataConfig) -> list[SourceItem]:
         SourceItem(
             source=(rel := p.relative_to(root).as_posix()),
             open=lambda p=p: SoundFileReader(p),
+            version=f"{p.stat().st_size}:{p.stat().st_mtime_ns}",
+            location=str(p),
             **metadata.get(rel, {}),
         )
         for p in files
@@ -89,7 +95,9 @@ def _hf_items(cfg: DataConfig) -> list[SourceItem]:
     for split in sorted(splits):
         ds = splits[split]
         if cfg.audio_column not in ds.column_names:
-            raise ValueError(f"the dataset has no column {cfg.audio_column!r} (data.audio_column); it has {ds.column_names}")
+            raise ValueError(
+                f"the dataset has no column {cfg.audio_column!r} (data.audio_column); it has {ds.column_names}"
+            )
         if isinstance(ds.features[cfg.audio_column], datasets.Audio):
             ds = ds.cast_column(cfg.audio_column, datasets.Audio(decode=False))
         for row in range(len(ds)):

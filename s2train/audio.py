@@ -105,7 +105,9 @@ class Excerpt:
     judge: np.ndarray  # (N_16k,) at the judges' rate
 
 
-def read_excerpt(reader: AudioReader, start_s: float, end_s: float, out_rate: int, judge_rate: int) -> Excerpt:
+def read_excerpt(
+    reader: AudioReader, start_s: float, end_s: float, out_rate: int, judge_rate: int
+) -> Excerpt:
     start = max(0, int(round(start_s * reader.sample_rate)))
     stop = min(reader.frames, int(round(end_s * reader.sample_rate)))
     native = to_mono(reader.read(start, stop - start))

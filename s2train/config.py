@@ -64,7 +64,9 @@ class VADConfig:
     merge_gap_s: float = 1.0  # regions closer than this join one segment (while it fits max_segment_s)
 
     def __post_init__(self) -> None:
-        _check(0 < self.neg_threshold <= self.threshold < 1, "need 0 < vad.neg_threshold <= vad.threshold < 1")
+        _check(
+            0 < self.neg_threshold <= self.threshold < 1, "need 0 < vad.neg_threshold <= vad.threshold < 1"
+        )
         _check(
             0 < self.min_segment_s < self.max_segment_s,
             "need 0 < vad.min_segment_s < vad.max_segment_s",

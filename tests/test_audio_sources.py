@@ -49,7 +49,9 @@ def test_folder_source_reads_metadata_jsonl(tmp_path):
     sf.write(tmp_path / "sub" / "b.flac", tone(1.0, 16000), 16000)
     sf.write(tmp_path / "a.wav", tone(1.0, 8000), 8000)
     (tmp_path / "notes.txt").write_text("not audio")
-    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "sub/b.flac", "language": "de", "speaker": 7}) + "\n")
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "sub/b.flac", "language": "de", "speaker": 7}) + "\n"
+    )
     items = list_items(DataConfig(path=str(tmp_path), lang="en"))
     assert [i.source for i in items] == ["a.wav", "sub/b.flac"]
     assert (items[0].lang, items[1].lang, items[1].speaker) == ("en", "de", "7")
@@ -79,7 +81,10 @@ def test_webdataset_tars(tmp_path):
         for key, rate in (("utt_a", 16000), ("utt_b", 22050)):
             buf = io.BytesIO()
             sf.write(buf, tone(1.5, rate), rate, format="WAV")
-            for name, payload in ((f"{key}.wav", buf.getvalue()), (f"{key}.json", json.dumps({"lang": "es"}).encode())):
+            for name, payload in (
+                (f"{key}.wav", buf.getvalue()),
+                (f"{key}.json", json.dumps({"lang": "es"}).encode()),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))

@@ -15,9 +15,28 @@ from eval.wer import wer
 from tests.conftest import read_jsonl
 
 CONTRACT_FIELDS = {
-    "id", "source", "start", "end", "duration", "sample_rate", "lang", "lang_prob", "text", "asr_text",
-    "asr_logprob", "speaker", "dnsmos", "snr_db", "bandwidth_hz", "pitch_hz", "pitch_std", "speaking_rate",
-    "loudness_lufs", "caption", "tags", "pipeline_version",
+    "id",
+    "source",
+    "start",
+    "end",
+    "duration",
+    "sample_rate",
+    "lang",
+    "lang_prob",
+    "text",
+    "asr_text",
+    "asr_logprob",
+    "speaker",
+    "dnsmos",
+    "snr_db",
+    "bandwidth_hz",
+    "pitch_hz",
+    "pitch_std",
+    "speaking_rate",
+    "loudness_lufs",
+    "caption",
+    "tags",
+    "pipeline_version",
 }
 
 
@@ -38,8 +57,14 @@ def test_every_bad_item_gets_its_expected_rejection(demo_clean, truth):
 
 def test_other_rate_and_stereo_files_are_kept_after_conversion(demo_clean, truth):
     manifest = read_jsonl(demo_clean / "manifest.jsonl")
-    awkward = [name for name, row in truth.items() if row["kind"] == "good" and (row["sample_rate"] != 16000 or row["channels"] == 2)]
-    assert {truth[n]["sample_rate"] for n in awkward} >= {44100, 16000} and any(truth[n]["channels"] == 2 for n in awkward)
+    awkward = [
+        name
+        for name, row in truth.items()
+        if row["kind"] == "good" and (row["sample_rate"] != 16000 or row["channels"] == 2)
+    ]
+    assert {truth[n]["sample_rate"] for n in awkward} >= {44100, 16000} and any(
+        truth[n]["channels"] == 2 for n in awkward
+    )
     for name in awkward:
         kept = [m for m in manifest if m["source"] == name]
         assert kept, f"{name} was lost"
@@ -47,7 +72,9 @@ def test_other_rate_and_stereo_files_are_kept_after_conversion(demo_clean, truth
 
 
 def _covered(sentence: dict, segments: list[dict], slack: float = 0.2) -> bool:
-    return any(m["start"] - slack <= sentence["start"] and sentence["end"] <= m["end"] + slack for m in segments)
+    return any(
+        m["start"] - slack <= sentence["start"] and sentence["end"] <= m["end"] + slack for m in segments
+    )
 
 
 def test_at_least_95_percent_of_good_sentences_survive(demo_clean, truth):

@@ -48,7 +48,10 @@ def shipped(group: str) -> list[str]:
 def test_every_shipped_config_composes(experiment, judges):
     overrides = [f"experiment={experiment}", f"judges={judges}"]
     if judges != "offline":
-        overrides += ["judges.asr.whisper.checkpoint=/models/whisper.pt", "judges.speaker.checkpoint=/models/ecapa"]
+        overrides += [
+            "judges.asr.whisper.checkpoint=/models/whisper.pt",
+            "judges.speaker.checkpoint=/models/ecapa",
+        ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
         typed = OmegaConf.to_object(cfg)
@@ -66,7 +69,9 @@ def test_every_stage_config_selects_a_registered_stage(stage):
 
 def test_experiment_can_run_one_of_its_stages_and_run_dir_overrides():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=demo", "stage=clean", "run_dir=/tmp/x", "run_root=/data/runs"])
+        cfg = compose(
+            "config", overrides=["experiment=demo", "stage=clean", "run_dir=/tmp/x", "run_root=/data/runs"]
+        )
     assert cfg.stage == "clean" and cfg.run_dir == "/tmp/x"
     assert cfg.data.path == "/data/runs/demo/demo_corpus/corpus"
 

@@ -70,7 +70,12 @@ def test_compression_ratio_and_logprob_filters():
     assert transcript_checks(Transcript(text=looping, lang="en"), cfg)[0] == "high_compression_ratio"
     unsure = Transcript(text="it was a bright cold day", lang="en", avg_logprob=-1.7)
     assert transcript_checks(unsure, cfg)[0] == "low_avg_logprob"
-    assert transcript_checks(Transcript(text="bonjour tout le monde", lang="fr"), dataclasses.replace(cfg, languages=["en"]))[0] == "language"
+    assert (
+        transcript_checks(
+            Transcript(text="bonjour tout le monde", lang="fr"), dataclasses.replace(cfg, languages=["en"])
+        )[0]
+        == "language"
+    )
 
 
 def test_max_ngram_repeat_counts_back_to_back_runs():
@@ -85,8 +90,18 @@ def tiny_whisper(tmp_path_factory):
     from whisper.model import ModelDimensions, Whisper
 
     torch.manual_seed(0)
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=51865, n_text_ctx=64, n_text_state=32, n_text_head=2, n_text_layer=1)
+    dims = ModelDimensions(
+        n_mels=80,
+        n_audio_ctx=1500,
+        n_audio_state=32,
+        n_audio_head=2,
+        n_audio_layer=1,
+        n_vocab=51865,
+        n_text_ctx=64,
+        n_text_state=32,
+        n_text_head=2,
+        n_text_layer=1,
+    )
     model = Whisper(dims)
     path = tmp_path_factory.mktemp("whisper") / "tiny-random.pt"
     torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": model.state_dict()}, path)

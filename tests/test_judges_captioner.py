@@ -7,7 +7,14 @@ import pytest
 
 from s2train.config import CaptionerConfig
 from s2train.judges.asr import Word
-from s2train.judges.captioner import RuleCaptioner, bin_word, count_syllables, gender_from_pitch, load_bins, tagged_text
+from s2train.judges.captioner import (
+    RuleCaptioner,
+    bin_word,
+    count_syllables,
+    gender_from_pitch,
+    load_bins,
+    tagged_text,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +49,15 @@ def test_syllables_for_words_and_characters():
 
 
 def test_captions_vary_by_key_but_not_between_runs(captioner):
-    m = {"pitch_hz": 110.0, "pitch_std": 2.0, "speaking_rate": 4.0, "loudness_lufs": -23.0,
-         "voiced_ratio": 0.6, "snr_db": 50.0, "bandwidth_hz": 8000.0}
+    m = {
+        "pitch_hz": 110.0,
+        "pitch_std": 2.0,
+        "speaking_rate": 4.0,
+        "loudness_lufs": -23.0,
+        "voiced_ratio": 0.6,
+        "snr_db": 50.0,
+        "bandwidth_hz": 8000.0,
+    }
     captions = {captioner.caption(f"utt{i}", m) for i in range(40)}
     assert len(captions) >= 4
     assert captioner.caption("utt3", m) == RuleCaptioner(CaptionerConfig()).caption("utt3", m)

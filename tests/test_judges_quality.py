@@ -9,14 +9,24 @@ import pytest
 
 from s2train.audio import resample
 from s2train.config import QualityConfig
-from s2train.judges.quality import QualityJudge, bandwidth_hz, clipping_ratio, dnsmos_model, load_calibrated_threshold, snr_db
+from s2train.judges.quality import (
+    QualityJudge,
+    bandwidth_hz,
+    clipping_ratio,
+    dnsmos_model,
+    load_calibrated_threshold,
+    snr_db,
+)
 
 SENTENCE = "The small boat moved slowly across the quiet lake, and the children waved from the shore."
 
 
 def test_dnsmos_sessions_are_made_once_per_process():
     assert dnsmos_model(1) is dnsmos_model(1)
-    judge_a, judge_b = QualityJudge(QualityConfig(onnx_threads=1)), QualityJudge(QualityConfig(onnx_threads=1))
+    judge_a, judge_b = (
+        QualityJudge(QualityConfig(onnx_threads=1)),
+        QualityJudge(QualityConfig(onnx_threads=1)),
+    )
     assert judge_a.dnsmos is judge_b.dnsmos
 
 

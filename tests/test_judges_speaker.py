@@ -79,8 +79,14 @@ def tiny_ecapa_folder(tmp_path_factory):
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("ecapa")
-    model = ECAPA_TDNN(input_size=24, channels=[16, 16, 16, 16, 48], kernel_sizes=[5, 3, 3, 3, 1],
-                       dilations=[1, 2, 3, 4, 1], attention_channels=8, lin_neurons=12)
+    model = ECAPA_TDNN(
+        input_size=24,
+        channels=[16, 16, 16, 16, 48],
+        kernel_sizes=[5, 3, 3, 3, 1],
+        dilations=[1, 2, 3, 4, 1],
+        attention_channels=8,
+        lin_neurons=12,
+    )
     torch.save(model.state_dict(), folder / "embedding_model.ckpt")
     (folder / "hyperparams.yaml").write_text(TINY_ECAPA_YAML)
     return folder, model

@@ -22,7 +22,9 @@ def test_regions_use_hysteresis_and_drop_blips():
     regions = speech_regions(probs, cfg, len(probs) * FRAME_S)
     # 0.4 lies between neg_threshold and threshold: the region carries on through it
     assert len(regions) == 1
-    assert regions[0][0] == pytest.approx(1.0, abs=FRAME_S) and regions[0][1] == pytest.approx(4.5, abs=FRAME_S)
+    assert regions[0][0] == pytest.approx(1.0, abs=FRAME_S) and regions[0][1] == pytest.approx(
+        4.5, abs=FRAME_S
+    )
 
 
 def test_regions_split_on_silence_and_pad_within_bounds():
@@ -71,12 +73,17 @@ def vad():
 
 
 def test_silero_finds_the_sentences_and_ignores_the_gap(vad, flite_wav):
-    a, b = flite_wav("awb", "The river was high after a week of heavy rain."), flite_wav("slt", "Please close the window.")
+    a, b = (
+        flite_wav("awb", "The river was high after a week of heavy rain."),
+        flite_wav("slt", "Please close the window."),
+    )
     silence = np.zeros(int(1.5 * 16000), np.float32)
     wav = np.concatenate([silence, a, silence, b, silence])
     [regions] = vad([wav])
     assert len(regions) == 2
-    assert regions[0][0] == pytest.approx(1.5, abs=0.25) and regions[1][1] == pytest.approx((len(wav) - len(silence)) / 16000, abs=0.3)
+    assert regions[0][0] == pytest.approx(1.5, abs=0.25) and regions[1][1] == pytest.approx(
+        (len(wav) - len(silence)) / 16000, abs=0.3
+    )
     assert vad([np.zeros(5 * 16000, np.float32)]) == [[]]
 
 

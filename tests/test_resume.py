@@ -14,9 +14,20 @@ from tests.conftest import ROOT, read_jsonl, run_cli
 
 def test_killed_clean_run_resumes_to_the_uninterrupted_manifest(demo_root, demo_clean, tmp_path):
     run_dir = tmp_path / "clean"
-    overrides = ["experiment=demo", "stage=clean", f"run_root={demo_root}", f"run_dir={run_dir}", "clean.progress=false"]
-    proc = subprocess.Popen([sys.executable, "-m", "s2train", *overrides], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    overrides = [
+        "experiment=demo",
+        "stage=clean",
+        f"run_root={demo_root}",
+        f"run_dir={run_dir}",
+        "clean.progress=false",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "s2train", *overrides],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     units = run_dir / "units"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and len(list(units.glob("[0-9]*.json"))) < 2:

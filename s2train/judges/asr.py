@@ -89,7 +89,9 @@ class WhisperASR:
         out = []
         for wav, hint in zip(wavs, langs):
             audio = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
-            mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), self.model.dims.n_mels).to(self.device)
+            mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), self.model.dims.n_mels).to(
+                self.device
+            )
             lang = self.cfg.whisper.language or hint
             lang_prob = None
             if self.model.is_multilingual:

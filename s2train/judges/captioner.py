@@ -118,7 +118,9 @@ class RuleCaptioner:
             if end - start >= self.bins["pause_tag_min_s"]:
                 middle = (start + end) / 2
                 index = sum(1 for w in words if w.end <= middle) if words else None
-                tags.append({"tag": "[pause]", "start": round(start, 3), "end": round(end, 3), "word_index": index})
+                tags.append(
+                    {"tag": "[pause]", "start": round(start, 3), "end": round(end, 3), "word_index": index}
+                )
         return tags
 
     def caption(self, key: str, m: dict) -> str:
@@ -135,7 +137,12 @@ class RuleCaptioner:
             "voice": ", ".join(w for w in voice if w) or "plain",
             "rate": bin_word(m.get("speaking_rate"), b["speaking_rate"]),
             "recording": " ".join(
-                w for w in (bin_word(m.get("snr_db"), b["snr_db"]), bin_word(m.get("bandwidth_hz"), b["bandwidth_hz"])) if w
+                w
+                for w in (
+                    bin_word(m.get("snr_db"), b["snr_db"]),
+                    bin_word(m.get("bandwidth_hz"), b["bandwidth_hz"]),
+                )
+                if w
             )
             + " recording",
         }
@@ -146,7 +153,9 @@ class RuleCaptioner:
         template = usable[zlib.crc32(f"{self.seed}:{key}".encode()) % len(usable)]
         return template.format(**fields)
 
-    def __call__(self, key: str, wav: np.ndarray, text: str, words: list[Word], pauses, speech_s: float, extra: dict) -> dict:
+    def __call__(
+        self, key: str, wav: np.ndarray, text: str, words: list[Word], pauses, speech_s: float, extra: dict
+    ) -> dict:
         """Measurements, caption and tags of one segment; ``extra`` brings SNR and bandwidth."""
         m = {**self.measure(wav, text, speech_s), **extra}
         return {**m, "caption": self.caption(key, m), "tags": self.pause_tags(pauses, words)}
