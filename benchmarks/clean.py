@@ -108,7 +108,7 @@ def main() -> None:
 
     from s2train.judges.quality import dnsmos_model
 
-    model = dnsmos_model(args.threads)
+    model = dnsmos_model(0)  # onnxruntime picks its threads, as speechmos lets it
     model(wavs[0][:16000], 1.0)  # warm the sessions, as a long run would be
     speechmos_dnsmos.run(wavs[0][:16000], sr=16000)
     clips = [np.clip(w[:144160], -1, 1) for w in wavs if len(w) >= 144160]

@@ -7,7 +7,6 @@ Every score is stored with the segment; the keep rule compares each to its thres
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,8 +27,7 @@ class _DNSMOS:
 
         models = Path(speechmos_dnsmos.__file__).parent / "dnsmos_models"
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per physical core
         providers = ["CPUExecutionProvider"]
         self.primary = ort.InferenceSession(str(models / "sig_bak_ovr.onnx"), options, providers=providers)
         self.p808 = ort.InferenceSession(str(models / "model_v8.onnx"), options, providers=providers)
@@ -124,7 +122,7 @@ class QualityJudge:
     def __init__(self, cfg: QualityConfig):
         self.cfg = cfg
         self.ovrl_min = load_calibrated_threshold(cfg)
-        self.dnsmos = dnsmos_model(cfg.onnx_threads or min(4, os.cpu_count() or 1))
+        self.dnsmos = dnsmos_model(cfg.onnx_threads)
 
     def __call__(self, judge_wavs: list[np.ndarray], natives: list[tuple[np.ndarray, int]]) -> list[dict]:
         """``judge_wavs`` at 16 kHz; ``natives`` as ``(samples, rate)`` at the file's own rate."""
