@@ -103,3 +103,24 @@ def test_bad_inputs_are_explained(tmp_path):
         list_items(DataConfig(source="webdataset", path=str(tmp_path)))
     with pytest.raises(ValueError, match="data.partition"):
         DataConfig(partition=2, num_partitions=2)
+
+
+def test_a_long_file_streams_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "long.flac"
+    rate, minutes = 16000, 20
+    with sf.SoundFile(path, "w", rate, 1, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(minutes):
+            f.write(tone(60.0, rate))
+    reader = SoundFileReader(path)
+    assert reader.duration == pytest.approx(minutes * 60, abs=0.01)
+    tracemalloc.start()
+    samples = 0
+    for block in stream_mono(reader, 16000, block_s=10.0):
+        samples += len(block)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    whole = minutes * 60 * rate * 4  # the file as float32: 77 MB
+    assert samples == minutes * 60 * rate
+    assert peak < whole / 20, f"peak {peak / 1e6:.1f} MB while streaming a {whole / 1e6:.0f} MB file"
