@@ -19,10 +19,8 @@ unit in flight and never leaves a half shard that looks done. ``manifest.jsonl``
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
-import tarfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data_pipeline.shards import UnitLedger, write_tar
 from data_pipeline.sources import SourceItem, list_items
 from s2train.audio import flac_bytes, read_excerpt, stream_mono
 from s2train.config import S2Config
@@ -41,7 +40,7 @@ from s2train.judges.quality import QualityJudge
 from s2train.judges.speaker import SpeakerJudge
 from s2train.judges.vad import SAMPLE_RATE as JUDGE_RATE
 from s2train.judges.vad import Segment, SileroVAD, plan_segments, speech_regions
-from s2train.runs import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
+from s2train.runs import atomic_path, write_json_atomic, write_text_atomic
 
 PIPELINE_VERSION = "clean-1"
 STAGE_ORDER = ("decode", "vad", "quality", "speaker", "asr")
@@ -239,18 +238,6 @@ def _judge_segments(
         out.stats["kept_s"] += seg.duration
 
 
-def _write_shard(path: Path, samples: list[tuple[str, bytes, dict]]) -> None:
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
-        for key, flac, meta in samples:
-            for name, payload in (
-                (f"{key}.flac", flac),
-                (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode()),
-            ):
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                tar.addfile(info, io.BytesIO(payload))
-
-
 def _plan(items: list[SourceItem], files_per_shard: int) -> dict:
     digest = hashlib.sha256("\n".join(f"{i.source}\t{i.version}" for i in items).encode()).hexdigest()[:16]
     return {
@@ -263,7 +250,6 @@ def _plan(items: list[SourceItem], files_per_shard: int) -> dict:
 
 def run(cfg: S2Config) -> dict:
     run_dir = Path(cfg.run_dir)
-    shards, units = run_dir / "shards", run_dir / "units"
     items = list_items(cfg.data)
     if not items:
         raise ValueError(f"no audio found at data.path={cfg.data.path} (data.source={cfg.data.source})")
@@ -275,13 +261,9 @@ def run(cfg: S2Config) -> dict:
             f"({plan_file}); give this run its own run_dir= or name="
         )
     write_json_atomic(plan_file, plan)
-    for folder in (shards, units):
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(folder)
-
+    ledger = UnitLedger(run_dir, plan["units"], cfg.data.partition, cfg.data.num_partitions)
     per = cfg.clean.files_per_shard
-    mine = [u for u in range(plan["units"]) if u % cfg.data.num_partitions == cfg.data.partition]
-    todo = [u for u in mine if not (units / f"{u:06d}.json").exists()]
+    todo = ledger.todo
     started, audio_s = time.perf_counter(), 0.0
     if todo:
         judges = Judges(cfg)
@@ -301,12 +283,18 @@ def run(cfg: S2Config) -> dict:
                 )
             shard = f"shard-{u:06d}.tar" if result.samples else None
             if shard:
-                _write_shard(shards / shard, result.samples)
+                write_tar(
+                    ledger.shards_dir / shard,
+                    (
+                        member
+                        for key, flac, meta in result.samples
+                        for member in ((f"{key}.flac", flac), (f"{key}.json", _json_bytes(meta)))
+                    ),
+                )
             result.manifest = [{**meta, "shard": f"shards/{shard}"} for _, _, meta in result.samples]
-            write_json_atomic(
-                units / f"{u:06d}.json",
+            ledger.finish(
+                u,
                 {
-                    "unit": u,
                     "shard": shard,
                     "sources": [i.source for i in items[u * per : (u + 1) * per]],
                     "manifest": result.manifest,
@@ -315,7 +303,7 @@ def run(cfg: S2Config) -> dict:
                 },
             )
         bar.close()
-    stats = aggregate(run_dir, plan["units"])
+    stats = aggregate(run_dir, ledger.records(), plan["units"])
     wall = time.perf_counter() - started
     return {
         "units_done": f"{stats['units_done']}/{stats['units_total']}",
@@ -331,9 +319,12 @@ def run(cfg: S2Config) -> dict:
     }
 
 
-def aggregate(run_dir: Path, units_total: int) -> dict:
+def _json_bytes(obj: dict) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode()
+
+
+def aggregate(run_dir: Path, markers: list[dict], units_total: int) -> dict:
     """Rebuild manifest.jsonl, rejects.jsonl, stats.json (and stats.png) from the unit markers."""
-    markers = [json.loads(p.read_text()) for p in sorted((run_dir / "units").glob("[0-9]*.json"))]
     manifest = [row for m in markers for row in m["manifest"]]
     rejects = [row for m in markers for row in m["rejects"]]
     write_text_atomic(
