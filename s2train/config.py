@@ -187,6 +187,17 @@ class DemoCorpusConfig:
 
 
 @dataclass
+class TokenizeConfig:
+    codec: str | None = None  # our codec checkpoint (.pt from save_codec) or a released S2 Pro codec folder
+    input: str | None = None  # a clean run directory; None: run_root/name/clean
+    batch_size: int = 8  # utterances encoded together (sorted by length, so padding stays small)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "tokenize.batch_size must be at least 1")
+
+
+@dataclass
 class PipelineConfig:
     stages: list[str] = field(default_factory=list)  # run in this order, each in run_root/name/<stage>
 
@@ -202,6 +213,7 @@ class S2Config:
     judges: JudgesConfig = field(default_factory=JudgesConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     demo_corpus: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 

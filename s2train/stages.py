@@ -12,6 +12,7 @@ from typing import Any
 STAGES: dict[str, str] = {
     "demo_corpus": "data_pipeline.demo_corpus",
     "clean": "data_pipeline.clean",
+    "tokenize": "data_pipeline.tokenize",
     "pipeline": "s2train.cli",
 }
 
