@@ -103,6 +103,9 @@ def tiny_whisper(tmp_path_factory):
         n_text_layer=1,
     )
     model = Whisper(dims)
+    with torch.no_grad():  # whisper leaves some tensors uninitialised (torch.empty) for checkpoints to fill
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.02)
     path = tmp_path_factory.mktemp("whisper") / "tiny-random.pt"
     torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": model.state_dict()}, path)
     return path
