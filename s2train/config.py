@@ -198,6 +198,79 @@ class TokenizeConfig:
 
 
 @dataclass
+class CodecTrainConfig:
+    """``stage=codec``: train the RVQ codec on clean shards (see ``s2train.training.codec_stage``)."""
+
+    input: str | None = None  # a clean run directory; None: run_root/name/clean
+    preset: str = "tiny"  # tiny | s2pro (s2train.models.codec)
+    segment_s: float = 0.64  # random crop length of every training item, in seconds
+    batch_size: int = 4
+    num_workers: int = 0  # dataloader worker processes (each takes its share of the utterances)
+    max_steps: int = 1000  # codec (generator) updates
+    lr: float = 3e-4  # AdamW, betas (0.8, 0.99), for the codec and the discriminator alike
+    lr_decay: float = 0.999996  # exponential decay per step (DAC)
+    grad_clip: float = 1000.0  # max grad norm of each optimizer's parameters
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "mel/loss": 15.0,
+            "stft/loss": 1.0,
+            "vq/commitment": 0.25,
+            "vq/codebook": 1.0,
+            "adv/gen": 1.0,
+            "adv/feat": 2.0,
+        }
+    )
+    mel_windows: list[int] = field(default_factory=lambda: [512, 1024, 2048])  # FFT sizes of the mel loss
+    mel_bins: list[int] = field(default_factory=lambda: [40, 80, 160])  # mel bands, one per window
+    stft_windows: list[int] = field(default_factory=lambda: [512, 1024, 2048])  # STFT loss and discriminator
+    adversarial: bool = False  # add the period and STFT discriminators (adv/gen, adv/feat)
+    adv_loss: str = "hinge"  # hinge | lsgan
+    disc_periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
+    disc_width: int = 16  # channels of the discriminators' first layers
+    dead_code_every: int = 100  # restart unused codes every this many steps; 0: never
+    heldout_items: int = 2  # utterances set aside (by a hash of their key) for previews and the final score
+    preview_every: int = 500  # write reconstructions of the held-out items every this many steps; 0: never
+    checkpoint_every: int = 500  # Lightning checkpoint (and last.ckpt) every this many steps
+    log_every: int = 10
+    accelerator: str = "auto"  # cpu | gpu | auto
+    precision: str = "32-true"  # a Lightning precision: 32-true, bf16-mixed, ...
+    threads: int = 0  # torch intra-op threads on a CPU; 0 leaves torch's default
+    wandb: bool = False  # also log to Weights & Biases (offline unless WANDB_MODE is set)
+    wandb_project: str = "s2train"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.preset in ("tiny", "s2pro"), f"codec_train.preset must be tiny or s2pro, not {self.preset!r}"
+        )
+        _check(self.segment_s > 0, "codec_train.segment_s must be positive")
+        _check(self.batch_size >= 1, "codec_train.batch_size must be at least 1")
+        _check(self.num_workers >= 0, "codec_train.num_workers cannot be negative")
+        _check(self.max_steps >= 1, "codec_train.max_steps must be at least 1")
+        _check(self.lr > 0 and 0 < self.lr_decay <= 1, "need codec_train.lr > 0 and 0 < lr_decay <= 1")
+        _check(self.grad_clip > 0, "codec_train.grad_clip must be positive")
+        known = {"mel/loss", "stft/loss", "vq/commitment", "vq/codebook", "adv/gen", "adv/feat"}
+        unknown = sorted(set(self.loss_weights) - known)
+        _check(
+            not unknown,
+            f"codec_train.loss_weights has unknown keys {unknown}; the known ones are {sorted(known)}",
+        )
+        _check(
+            len(self.mel_windows) == len(self.mel_bins) > 0,
+            "codec_train.mel_windows and mel_bins need the same, non-zero number of entries",
+        )
+        _check(len(self.stft_windows) > 0, "codec_train.stft_windows cannot be empty")
+        _check(
+            self.adv_loss in ("hinge", "lsgan"),
+            f"codec_train.adv_loss must be hinge or lsgan, not {self.adv_loss!r}",
+        )
+        _check(self.heldout_items >= 1, "codec_train.heldout_items must be at least 1")
+        for name in ("dead_code_every", "preview_every"):
+            _check(getattr(self, name) >= 0, f"codec_train.{name} cannot be negative")
+        for name in ("checkpoint_every", "log_every", "disc_width"):
+            _check(getattr(self, name) >= 1, f"codec_train.{name} must be at least 1")
+
+
+@dataclass
 class PipelineConfig:
     stages: list[str] = field(default_factory=list)  # run in this order, each in run_root/name/<stage>
 
@@ -214,6 +287,7 @@ class S2Config:
     clean: CleanConfig = field(default_factory=CleanConfig)
     demo_corpus: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    codec_train: CodecTrainConfig = field(default_factory=CodecTrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 

@@ -13,6 +13,7 @@ STAGES: dict[str, str] = {
     "demo_corpus": "data_pipeline.demo_corpus",
     "clean": "data_pipeline.clean",
     "tokenize": "data_pipeline.tokenize",
+    "codec": "s2train.training.codec_stage",
     "pipeline": "s2train.cli",
 }
 

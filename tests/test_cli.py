@@ -21,7 +21,7 @@ def test_unknown_stage_names_the_known_ones():
     assert proc.returncode != 0
     for name in STAGES:
         assert name in proc.stderr
-    with pytest.raises(ValueError, match="known stages are: clean, demo_corpus, pipeline"):
+    with pytest.raises(ValueError, match="known stages are: " + ", ".join(sorted(STAGES))):
         stage_runner("bogus")
 
 

@@ -1,0 +1,102 @@
+"""Codec training data: random fixed-length crops of the utterances in a clean run's shards.
+
+The shards are indexed once (tar headers only); a utterance's FLAC is read by seeking to its payload.
+A few utterances are set aside by a hash of their key (the same ones on every run of one corpus) for
+reconstruction previews and the final held-out score; they are never cropped for training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+
+from s2train.audio import resample
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """Where one ``{key}.flac`` lies: its shard and the byte range of its payload."""
+
+    shard: Path
+    key: str
+    offset: int
+    size: int
+
+
+def index_shards(shards_dir: Path) -> list[Utterance]:
+    """Every ``.flac`` member of the ``*.tar`` shards in ``shards_dir``, in shard and tar order."""
+    items = []
+    for shard in sorted(Path(shards_dir).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                if member.isfile() and ext == "flac":
+                    items.append(Utterance(shard, key, member.offset_data, member.size))
+    return items
+
+
+def split_heldout(items: list[Utterance], n_heldout: int) -> tuple[list[Utterance], list[Utterance]]:
+    """``(train, heldout)``: the ``n_heldout`` utterances whose key hashes lowest are held out."""
+    if len(items) <= n_heldout:
+        raise ValueError(
+            f"the clean shards hold {len(items)} utterances: too few to hold out "
+            f"codec_train.heldout_items={n_heldout} and still train; add data or lower heldout_items"
+        )
+    ranked = sorted(items, key=lambda u: hashlib.sha1(u.key.encode()).hexdigest())
+    heldout = {u.key for u in ranked[:n_heldout]}
+    return [u for u in items if u.key not in heldout], ranked[:n_heldout]
+
+
+def read_audio(item: Utterance, sample_rate: int) -> np.ndarray:
+    """One utterance as float32 mono samples (T,) at ``sample_rate`` (soxr when the shard's rate differs)."""
+    with open(item.shard, "rb") as f:
+        f.seek(item.offset)
+        payload = f.read(item.size)
+    wav, rate = sf.read(io.BytesIO(payload), dtype="float32", always_2d=True)
+    return resample(wav.mean(axis=1), rate, sample_rate)
+
+
+class CropStream(IterableDataset):
+    """An endless stream of random crops (1, segment_samples), zero-padded when a utterance is shorter.
+
+    Utterance ``i`` belongs to reader ``i % readers``, one reader per dataloader worker; each
+    reader visits its utterances in a fresh random order every pass. Crops depend only on ``seed``,
+    ``stream`` and the reader: the stage passes the step a run starts from as ``stream``, so a resumed
+    run draws new crops rather than repeating the first run's.
+    """
+
+    def __init__(
+        self, items: list[Utterance], sample_rate: int, segment_samples: int, seed: int, stream: int = 0
+    ):
+        if not items:
+            raise ValueError("no utterances to train the codec on")
+        self.items, self.sample_rate, self.segment = items, sample_rate, segment_samples
+        self.seed, self.stream = seed, stream
+
+    def _reader(self) -> tuple[int, int]:
+        worker = get_worker_info()
+        return (worker.id, worker.num_workers) if worker else (0, 1)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        reader, readers = self._reader()
+        mine = [u for i, u in enumerate(self.items) if i % readers == reader % len(self.items)]
+        rng = np.random.default_rng([self.seed, self.stream, reader])
+        while True:
+            for i in rng.permutation(len(mine)):
+                wav = read_audio(mine[i], self.sample_rate)
+                if len(wav) >= self.segment:
+                    start = int(rng.integers(0, len(wav) - self.segment + 1))
+                    wav = wav[start : start + self.segment]
+                else:
+                    wav = np.pad(wav, (0, self.segment - len(wav)))
+                yield torch.from_numpy(np.ascontiguousarray(wav))[None]  # (1, segment)

@@ -1,0 +1,210 @@
+"""The codec's LightningModule: it owns the ``Codec``, its losses, the optional discriminator, the
+optimizers, per-codebook usage metrics, dead-code restarts and reconstruction previews.
+
+Shape legend: B batch, T samples, K codebooks, T' frames.
+
+Optimization is manual in both modes so one ``training_step`` serves both: without discriminator one
+AdamW step per batch; with it, a discriminator step then a codec step. Lightning counts every optimizer
+step in ``global_step``, so with the discriminator ``global_step`` is twice ``self.step`` (codec updates);
+``codec_stage`` scales ``max_steps`` and the checkpoint interval to match. Every logged loss name is a key
+of ``loss_weights``, and only the weighted ones add up to ``loss/total``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import soundfile as sf
+import torch
+from torch import Tensor
+
+from s2train.config import CodecTrainConfig
+from s2train.models.codec import Codec, CodecConfig
+from s2train.training.audio_losses import LogMel, MultiResolutionSTFTLoss, MultiScaleMelLoss
+from s2train.training.discriminators import (
+    Discriminator,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+)
+
+RECONSTRUCTION_LOSSES = ("mel/loss", "stft/loss", "vq/commitment", "vq/codebook")
+ADVERSARIAL_LOSSES = ("adv/gen", "adv/feat")
+
+
+def perplexity(codes: Tensor, size: int) -> float:
+    """exp(entropy) of the code histogram of one codebook's codes (any shape): 1 (one code) .. size."""
+    p = torch.bincount(codes.flatten(), minlength=size).float()
+    p = p / p.sum()
+    return math.exp(-float((p * p.clamp(min=1e-12).log()).sum()))
+
+
+class CodecModule(L.LightningModule):
+    def __init__(
+        self,
+        codec_config: CodecConfig,
+        train: CodecTrainConfig,
+        run_dir: Path,
+        heldout: dict[str, np.ndarray],
+    ):
+        super().__init__()
+        self.codec = Codec(codec_config)
+        self.train_cfg = train
+        sample_rate = codec_config.sample_rate
+        self.mel_loss = MultiScaleMelLoss(sample_rate, train.mel_windows, train.mel_bins)
+        self.stft_loss = MultiResolutionSTFTLoss(train.stft_windows)
+        self.discriminator = (
+            Discriminator(train.disc_periods, train.stft_windows, train.disc_width)
+            if train.adversarial
+            else None
+        )
+        active = RECONSTRUCTION_LOSSES + (ADVERSARIAL_LOSSES if train.adversarial else ())
+        self.loss_weights = {name: float(train.loss_weights.get(name, 0.0)) for name in active}
+        self.automatic_optimization = False
+        self.preview_dir = Path(run_dir) / "previews"
+        self.heldout = heldout  # key -> (T,) float32 at the codec's rate
+        self.last_losses: dict[str, float] = {}
+        self.last_perplexity: list[float] = []
+
+    @property
+    def steps_per_batch(self) -> int:
+        """Optimizer steps per batch: Lightning's ``global_step`` grows by this much per codec update."""
+        return 1 if self.discriminator is None else 2
+
+    @property
+    def step(self) -> int:
+        """Codec updates done."""
+        return self.global_step // self.steps_per_batch
+
+    def configure_optimizers(self):
+        def adam(params):
+            optimizer = torch.optim.AdamW(params, lr=self.train_cfg.lr, betas=(0.8, 0.99))
+            return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, self.train_cfg.lr_decay)
+
+        parts = [adam(self.codec.parameters())]
+        if self.discriminator is not None:
+            parts.append(adam(self.discriminator.parameters()))
+        return [o for o, _ in parts], [s for _, s in parts]
+
+    def _update(self, optimizer, loss: Tensor) -> None:
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(
+            optimizer, gradient_clip_val=self.train_cfg.grad_clip, gradient_clip_algorithm="norm"
+        )
+        optimizer.step()
+
+    def training_step(self, wav: Tensor, batch_idx: int) -> None:
+        """One codec update (and one discriminator update before it) on crops ``wav`` (B, 1, T)."""
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        out = self.codec(wav)
+        recon = out["audio"]  # (B, 1, T)
+        logs: dict[str, Tensor] = {}
+        if self.discriminator is not None:
+            kind = self.train_cfg.adv_loss
+            disc_loss = discriminator_loss(self.discriminator(wav), self.discriminator(recon.detach()), kind)
+            self._update(optimizers[1], disc_loss)
+            logs["adv/disc"] = disc_loss.detach()
+        terms = {
+            "mel/loss": self.mel_loss(recon, wav),
+            "stft/loss": self.stft_loss(recon, wav),
+            "vq/commitment": out["commitment_loss"],
+            "vq/codebook": out["codebook_loss"],
+        }
+        if self.discriminator is not None:
+            with torch.no_grad():
+                real = self.discriminator(wav)
+            fake = self.discriminator(recon)
+            terms["adv/gen"] = generator_loss(fake, self.train_cfg.adv_loss)
+            terms["adv/feat"] = feature_matching_loss(real, fake)
+        total = sum(self.loss_weights[name] * value for name, value in terms.items())
+        self._update(optimizers[0], total)
+        for scheduler in schedulers:
+            scheduler.step()
+        logs.update({name: value.detach() for name, value in terms.items()})
+        logs["loss/total"] = total.detach()
+        logs.update(self._usage(out["codes"]))
+        self.last_losses = {name: float(value) for name, value in logs.items() if "/" in name}
+        self.log_dict(logs, on_step=True, on_epoch=False)
+        self.log("lr", schedulers[0].get_last_lr()[0], on_step=True, on_epoch=False)
+        done = self.step
+        every = self.train_cfg.dead_code_every
+        if every and done % every == 0:
+            self.log("vq/restarted", float(self.codec.restart_dead_codes()), on_step=True, on_epoch=False)
+        if self.train_cfg.preview_every and done % self.train_cfg.preview_every == 0:
+            self.log("heldout/mel", self.write_previews(done), on_step=True, on_epoch=False)
+
+    def _usage(self, codes_BKT: Tensor) -> dict[str, Tensor]:
+        """Per codebook k: ``vq/perplexity_k`` of this batch's codes and ``vq/dead_k``, the codes unused
+        since the last dead-code restart."""
+        quantizers = [self.codec.quantizer.semantic, *self.codec.quantizer.residual]
+        self.last_perplexity = [
+            perplexity(codes_BKT[:, k], vq.codebook.num_embeddings) for k, vq in enumerate(quantizers)
+        ]
+        logs = {}
+        for k, vq in enumerate(quantizers):
+            logs[f"vq/perplexity_{k}"] = torch.tensor(self.last_perplexity[k])
+            logs[f"vq/dead_{k}"] = (vq.usage == 0).sum().float()
+        return logs
+
+    @torch.no_grad()
+    def reconstruct(self, wav: np.ndarray) -> np.ndarray:
+        """A held-out utterance (T,) through the codec in eval mode (every codebook) -> (T,)."""
+        was_training = self.codec.training
+        self.codec.eval()
+        recon = self.codec(torch.from_numpy(wav).to(self.device)[None, None])["audio"]
+        self.codec.train(was_training)
+        return recon[0, 0].float().cpu().numpy()
+
+    @torch.no_grad()
+    def heldout_mel_distance(self) -> float:
+        """Mean multi-scale log-mel L1 between the held-out utterances and their reconstructions."""
+        distances = []
+        for wav in self.heldout.values():
+            recon = torch.from_numpy(self.reconstruct(wav))[None, None].to(self.device)
+            distances.append(float(self.mel_loss(recon, torch.from_numpy(wav)[None, None].to(self.device))))
+        return float(np.mean(distances))
+
+    @torch.no_grad()
+    def heldout_usage(self) -> list[float]:
+        """Per codebook: the share of its entries that the held-out utterances use."""
+        quantizers = [self.codec.quantizer.semantic, *self.codec.quantizer.residual]
+        used = [set() for _ in quantizers]
+        for wav in self.heldout.values():
+            codes = self.codec.encode(torch.from_numpy(wav).to(self.device), self.codec.config.sample_rate)
+            for k in range(len(quantizers)):
+                used[k].update(codes[k].tolist())
+        return [round(len(u) / vq.codebook.num_embeddings, 4) for u, vq in zip(used, quantizers)]
+
+    def write_previews(self, step: int) -> float:
+        """Reconstructions of the held-out utterances as ``{key}.wav`` and an original-versus-reconstruction
+        mel plot ``mel.png`` in ``previews/step-XXXXXX/``; returns their mean mel distance."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        folder = self.preview_dir / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rate = self.codec.config.sample_rate
+        log_mel = LogMel(rate, self.train_cfg.mel_windows[-1], self.train_cfg.mel_bins[-1])
+        fig, axes = plt.subplots(len(self.heldout), 2, figsize=(10, 2.5 * len(self.heldout)), squeeze=False)
+        for row, (key, wav) in enumerate(self.heldout.items()):
+            recon = self.reconstruct(wav)
+            sf.write(folder / f"{key}.wav", recon, rate, subtype="PCM_16")
+            for col, (title, audio) in enumerate((("original", wav), ("reconstruction", recon))):
+                mel = log_mel(torch.from_numpy(audio)[None, None])[0].numpy()  # (M, N)
+                axes[row, col].imshow(mel, origin="lower", aspect="auto", cmap="magma")
+                axes[row, col].set_title(f"{key}: {title}", fontsize=8)
+                axes[row, col].set_axis_off()
+        fig.suptitle(f"step {step}")
+        fig.tight_layout()
+        fig.savefig(folder / "mel.png", dpi=80)
+        plt.close(fig)
+        return self.heldout_mel_distance()
