@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,26 @@ def run_cli(*overrides: str, timeout: float = 900, check: bool = True) -> subpro
             f"s2train {' '.join(overrides)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def kill_after_units(overrides: list[str], run_dir: Path, units: int, poll_s: float) -> dict[str, int]:
+    """Start ``python -m s2train <overrides>``, SIGKILL it (and its children) once ``units`` unit markers
+    exist in ``run_dir/units``, and return the finished markers with their modification times."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "s2train", *overrides],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    markers = Path(run_dir) / "units"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and len(list(markers.glob("[0-9]*.json"))) < units:
+        time.sleep(poll_s)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return {p.name: p.stat().st_mtime_ns for p in markers.glob("[0-9]*.json")}
 
 
 def read_jsonl(path: Path) -> list[dict]:

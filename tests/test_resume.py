@@ -3,13 +3,7 @@ redoes nothing that was finished and ends with the manifest of an uninterrupted 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
-from tests.conftest import ROOT, read_jsonl, run_cli
+from tests.conftest import kill_after_units, read_jsonl, run_cli
 
 
 def test_killed_clean_run_resumes_to_the_uninterrupted_manifest(demo_root, demo_clean, tmp_path):
@@ -21,22 +15,8 @@ def test_killed_clean_run_resumes_to_the_uninterrupted_manifest(demo_root, demo_
         f"run_dir={run_dir}",
         "clean.progress=false",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "s2train", *overrides],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    finished = kill_after_units(overrides, run_dir, units=2, poll_s=0.2)
     units = run_dir / "units"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and len(list(units.glob("[0-9]*.json"))) < 2:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-    finished = {p.name: p.stat().st_mtime_ns for p in units.glob("[0-9]*.json")}
     total = len(list(read_jsonl(demo_clean / "manifest.jsonl")))
     assert 2 <= len(finished) < len(list((demo_clean / "units").glob("[0-9]*.json"))), "kill came too late"
     assert not (run_dir / "manifest.jsonl").exists() or len(read_jsonl(run_dir / "manifest.jsonl")) < total

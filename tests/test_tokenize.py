@@ -6,11 +6,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +15,7 @@ import torch
 from data_pipeline.shards import read_tar
 from data_pipeline.tokenize import open_codec
 from s2train.models.codec import Codec, load_codec, save_codec, tiny
-from tests.conftest import ROOT, read_jsonl, run_cli
+from tests.conftest import kill_after_units, read_jsonl, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -97,21 +92,8 @@ def test_killed_tokenize_resumes_without_redoing_or_losing_shards(tokenized, dem
         "tokenize.batch_size=1",
         "tokenize.progress=false",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "s2train", *overrides],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    finished = kill_after_units(overrides, run_dir, units=1, poll_s=0.01)
     units = run_dir / "units"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(units.glob("[0-9]*.json")):
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = {p.name: p.stat().st_mtime_ns for p in units.glob("[0-9]*.json")}
     total = len(list((tokenized / "units").glob("[0-9]*.json")))
     assert 1 <= len(finished) < total, "the kill came too late to test anything"
     run_cli(*overrides)
