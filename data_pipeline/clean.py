@@ -62,7 +62,6 @@ class Judges:
 
 @dataclass
 class UnitResult:
-    manifest: list[dict] = field(default_factory=list)
     rejects: list[dict] = field(default_factory=list)
     samples: list[tuple[str, bytes, dict]] = field(default_factory=list)  # key, flac, metadata
     stats: dict = field(default_factory=lambda: {"files": 0, "input_s": 0.0, "kept_s": 0.0, "trimmed_s": 0.0})
@@ -291,13 +290,13 @@ def run(cfg: S2Config) -> dict:
                         for member in ((f"{key}.flac", flac), (f"{key}.json", _json_bytes(meta)))
                     ),
                 )
-            result.manifest = [{**meta, "shard": f"shards/{shard}"} for _, _, meta in result.samples]
+            manifest = [{**meta, "shard": f"shards/{shard}"} for _, _, meta in result.samples]
             ledger.finish(
                 u,
                 {
                     "shard": shard,
                     "sources": [i.source for i in items[u * per : (u + 1) * per]],
-                    "manifest": result.manifest,
+                    "manifest": manifest,
                     "rejects": result.rejects,
                     "stats": _round(result.stats),
                 },
