@@ -1,0 +1,278 @@
+"""Load a released Fish Audio S2 Pro Dual-AR folder (``config.json``, ``model.safetensors`` or shards with
+``model.safetensors.index.json``, and the tokenizer files) into our ``DualAR``.
+
+The release is upstream fish-speech's ``DualARTransformer`` saved with Hugging Face style key names.
+Our modules compute the same function (``s2train.models.dual_ar`` documents the quirks); the keys map
+with a rename, ``official_to_ours``, that mirrors upstream's own remap with ``slow.`` / ``fast.``
+where upstream strips a prefix or writes ``fast_``:
+
+=============================================  ==========================================================
+official key (safetensors)                     ours (``DualAR.state_dict()``)
+=============================================  ==========================================================
+``text_model.model.embeddings.weight``         ``slow.embeddings.weight`` (also the tied LM head)
+``text_model.model.layers.N.*``                ``slow.layers.N.*`` (attention.wqkv / wo / q_norm / k_norm,
+                                               attention_norm, ffn_norm, feed_forward.w1 / w2 / w3)
+``text_model.model.norm.weight``               ``slow.norm.weight``
+``text_model.model.output.weight``             ``slow.output.weight`` (only when embeddings are untied)
+``audio_decoder.codebook_embeddings.weight``   ``slow.codebook_embeddings.weight`` (the slow model's code
+                                               table, although the release files it under the decoder)
+``audio_decoder.X`` (any other)                ``fast.X``: embeddings, layers.M.*, norm, output,
+                                               project_in (only when the fast dim differs)
+=============================================  ==========================================================
+
+The config (``model_type`` ``fish_qwen3_omni``) is read as upstream reads it: sizes from
+``text_config`` and ``audio_decoder_config``; RoPE base and norm eps of both models from ``text_config``;
+``scale_codebook_embeddings`` and the post-norm fast input forced on; one shared fast embedding table
+and head. ``semantic_begin_id`` / ``semantic_end_id`` come from the ``<|semantic:i|>`` tokens of the
+tokenizer beside the weights, and from the config only when there is no usable tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from s2train.models.dual_ar import DualAR, DualARConfig
+
+SEMANTIC_TOKEN = re.compile(r"^<\|semantic:(\d+)\|>$")
+IM_END, PAD = "<|im_end|>", "<|pad|>"
+
+
+@dataclass(frozen=True)
+class FishDualARInfo:
+    """What ``load_fish_dual_ar`` found besides the weights."""
+
+    folder: Path
+    semantic_begin_id: int
+    semantic_end_id: int
+    semantic_ids_from: str  # "tokenizer" or "config"
+    im_end_id: int  # ends an assistant turn; the only non-semantic token generation may choose
+    pad_id: int | None
+    weight_files: tuple[str, ...]  # safetensors files read, in order
+
+
+def official_to_ours(key: str) -> str | None:
+    """One official checkpoint key -> our ``DualAR.state_dict()`` key (table above); None if foreign."""
+    if key.startswith("text_model.model."):
+        return "slow." + key.removeprefix("text_model.model.")
+    if key.startswith("audio_decoder.codebook_embeddings."):
+        return "slow." + key.removeprefix("audio_decoder.")
+    if key.startswith("audio_decoder."):
+        return "fast." + key.removeprefix("audio_decoder.")
+    return None
+
+
+def read_tokenizer_vocab(folder: Path) -> dict[str, int] | None:
+    """Token string -> id of every token in ``folder/tokenizer.json`` (model vocab and added tokens), or
+    None when there is no readable tokenizer there. Parsed as JSON: ids need no BPE machinery."""
+    path = folder / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    vocab = data.get("model", {}).get("vocab", {})
+    ids = dict(vocab) if isinstance(vocab, dict) else {}
+    for token in data.get("added_tokens", []):
+        ids[token["content"]] = token["id"]
+    return ids
+
+
+def semantic_ids_from_vocab(vocab: dict[str, int]) -> tuple[int, int] | None:
+    """(smallest, largest) id of the ``<|semantic:i|>`` tokens, checked to be one contiguous block in code
+    order; None when the vocabulary has none."""
+    codes = {int(m[1]): token_id for token, token_id in vocab.items() if (m := SEMANTIC_TOKEN.match(token))}
+    if not codes:
+        return None
+    begin = min(codes.values())
+    if sorted(codes) != list(range(len(codes))) or any(codes[c] != begin + c for c in codes):
+        raise ValueError(
+            "the tokenizer's <|semantic:i|> tokens are not one contiguous block with id = first id + i; "
+            "s2train maps code c to token semantic_begin_id + c"
+        )
+    return begin, begin + len(codes) - 1
+
+
+def require_fish_qwen3_omni(cfg: dict[str, Any], where: str) -> None:
+    if cfg.get("model_type") != "fish_qwen3_omni":
+        raise ValueError(
+            f"{where} has model_type {cfg.get('model_type')!r}, not 'fish_qwen3_omni': "
+            "it is not a Fish Audio S2 Pro release"
+        )
+
+
+def dual_ar_config_from_fish(
+    cfg: dict[str, Any],
+    semantic_begin_id: int,
+    semantic_end_id: int,
+    residual_codebook_size: int | None = None,
+) -> DualARConfig:
+    """Our ``DualARConfig`` from a ``fish_qwen3_omni`` config.json and the semantic ids.
+
+    ``residual_codebook_size`` defaults to the fast vocabulary, which is upstream's behaviour (no
+    residual masking); pass the codec's residual codebook size (1024 for S2 Pro) to mask impossible codes.
+    """
+    require_fish_qwen3_omni(cfg, "config.json")
+
+    def need(section: str, key: str) -> Any:
+        part = cfg.get(section)
+        if not isinstance(part, dict) or key not in part:
+            raise ValueError(f"the S2 Pro config.json has no {section}.{key}")
+        return part[key]
+
+    for section in ("text_config", "audio_decoder_config"):
+        part = cfg.get(section, {})
+        for flag in ("attention_qkv_bias", "attention_o_bias", "use_moe"):
+            if part.get(flag, False):
+                raise ValueError(
+                    f"the S2 Pro config sets {section}.{flag}, which s2train's Dual-AR does not build"
+                )
+        if part.get("dropout", 0.0):
+            raise ValueError(f"the S2 Pro config sets {section}.dropout; s2train's Dual-AR has no dropout")
+
+    def heads(section: str) -> tuple[int, int, int]:
+        n_head, dim = need(section, "n_head"), need(section, "dim")
+        kv = cfg[section].get("n_local_heads", -1)
+        return n_head, n_head if kv == -1 else kv, cfg[section].get("head_dim") or dim // n_head
+
+    n_heads, n_kv_heads, head_dim = heads("text_config")
+    fast_n_heads, fast_n_kv_heads, fast_head_dim = heads("audio_decoder_config")
+    codebook_size = need("audio_decoder_config", "vocab_size")
+    text = cfg["text_config"]
+    return DualARConfig(
+        vocab_size=need("text_config", "vocab_size"),
+        dim=need("text_config", "dim"),
+        n_layers=need("text_config", "n_layer"),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        intermediate_size=need("text_config", "intermediate_size"),
+        num_codebooks=need("audio_decoder_config", "num_codebooks"),
+        codebook_size=codebook_size,
+        residual_codebook_size=residual_codebook_size or codebook_size,
+        semantic_begin_id=semantic_begin_id,
+        semantic_end_id=semantic_end_id,
+        fast_n_layers=need("audio_decoder_config", "n_layer"),
+        fast_dim=need("audio_decoder_config", "dim"),
+        fast_n_heads=fast_n_heads,
+        fast_n_kv_heads=fast_n_kv_heads,
+        fast_head_dim=fast_head_dim,
+        fast_intermediate_size=need("audio_decoder_config", "intermediate_size"),
+        rope_base=float(text.get("rope_base", 10000.0)),
+        rope_table_dtype="bfloat16",
+        norm_eps=float(text.get("norm_eps", 1e-6)),
+        qk_norm=bool(text.get("attention_qk_norm", False)),
+        fast_qk_norm=bool(cfg["audio_decoder_config"].get("attention_qk_norm", False)),
+        tie_embeddings=bool(text.get("tie_word_embeddings", True)),
+        max_seq_len=need("text_config", "max_seq_len"),
+        scale_codebook_embeddings=True,  # forced by upstream for this model type
+        fast_shared_embeddings=True,
+        fast_shared_head=True,
+        init_std=float(text.get("initializer_range", 0.02)),
+    )
+
+
+def read_fish_weights(folder: Path) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """Official key -> tensor from ``model.safetensors.index.json`` and its shards, else ``model.safetensors``."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        if not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = tuple(sorted(set(weight_map.values())))
+        state: dict[str, torch.Tensor] = {}
+        for name in files:
+            if not (folder / name).is_file():
+                raise ValueError(f"{index} names the shard {name}, which is not in {folder}")
+            shard = load_file(folder / name)
+            listed = {key for key, file in weight_map.items() if file == name}
+            if set(shard) != listed:
+                raise ValueError(
+                    f"shard {name} does not hold what {index.name} says: unlisted "
+                    f"{sorted(set(shard) - listed)[:5]}, absent {sorted(listed - set(shard))[:5]}"
+                )
+            state.update(shard)
+        return state, files
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise ValueError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+    return load_file(single), (single.name,)
+
+
+def load_fish_dual_ar(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    tokenizer_folder: str | Path | None = None,
+    residual_codebook_size: int | None = None,
+) -> tuple[DualAR, FishDualARInfo]:
+    """A ``DualAR`` in eval mode with the released weights of an S2 Pro folder, and what else it found.
+
+    The weights (bf16 in the release) are cast to ``dtype`` (float32 by default). Every official key must
+    map onto a parameter of the right shape and every parameter must be loaded, or a ValueError names the
+    missing, unexpected and mis-shaped keys. Token ids come from ``tokenizer_folder`` (default: the folder).
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{folder} has no config.json: it is not a Fish Audio S2 Pro release folder")
+    cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    require_fish_qwen3_omni(cfg, str(config_path))
+
+    vocab = read_tokenizer_vocab(Path(tokenizer_folder) if tokenizer_folder is not None else folder) or {}
+    semantic = semantic_ids_from_vocab(vocab)
+    source = "tokenizer"
+    if semantic is None:
+        if "semantic_start_token_id" not in cfg or "semantic_end_token_id" not in cfg:
+            raise ValueError(
+                f"no tokenizer with <|semantic:i|> tokens beside {folder}, and config.json has no "
+                "semantic_start_token_id / semantic_end_token_id"
+            )
+        semantic, source = (cfg["semantic_start_token_id"], cfg["semantic_end_token_id"]), "config"
+    im_end_id = vocab.get(IM_END, cfg.get("eos_token_id"))
+    if im_end_id is None:
+        raise ValueError(f"neither the tokenizer nor config.json beside {folder} gives the <|im_end|> id")
+    config = dual_ar_config_from_fish(cfg, *semantic, residual_codebook_size)
+
+    official, files = read_fish_weights(folder)
+    state, foreign = {}, []
+    for key in sorted(official):
+        value = official.pop(key)  # drop each stored tensor once cast: one copy of the weights at a time
+        ours = official_to_ours(key)
+        if ours is None:
+            foreign.append(key)
+        else:
+            state[ours] = value.to(dtype)
+    with torch.device("meta"):
+        model = DualAR(config)
+    expected = {key: value.shape for key, value in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(foreign + [key for key in state if key not in expected])
+    misshaped = [
+        f"{key} {tuple(state[key].shape)} (expected {tuple(shape)})"
+        for key, shape in expected.items()
+        if key in state and state[key].shape != shape
+    ]
+    if missing or unexpected or misshaped:
+        raise ValueError(
+            f"the weights in {folder} do not match the model its config.json describes: "
+            f"missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} "
+            f"({len(unexpected)} in all), wrong shape {misshaped[:5]} ({len(misshaped)} in all)"
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    info = FishDualARInfo(
+        folder=folder,
+        semantic_begin_id=config.semantic_begin_id,
+        semantic_end_id=config.semantic_end_id,
+        semantic_ids_from=source,
+        im_end_id=int(im_end_id),
+        pad_id=vocab.get(PAD, cfg.get("pad_token_id")),
+        weight_files=files,
+    )
+    return model.to(device).eval(), info

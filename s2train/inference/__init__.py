@@ -1,0 +1,1 @@
+"""Inference: samplers and generation loops over the Dual-AR model (a naive reference loop for now)."""
