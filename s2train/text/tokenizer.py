@@ -1,0 +1,223 @@
+"""Text tokenizers: the text ids, the Fish special tokens and the block of semantic tokens.
+
+Every tokenizer has the S2 layout: text ids, then the special tokens, then ``<|speaker:i|>``, then a
+contiguous block ``<|semantic:0|>`` .. ``<|semantic:n-1|>``, so that a semantic id is
+``semantic_begin + code``. Two kinds:
+
+- ``HFTokenizer``: a local Hugging Face ``tokenizer.json`` (the released S2 Pro's Qwen3 BPE in real
+  use). As upstream does, ``semantic_begin`` / ``semantic_end`` come from the ``<|semantic:i|>`` tokens
+  the vocabulary actually holds, never from a model config.
+- ``ByteTokenizer``: UTF-8 bytes (ids 0..255), then the specials; any language, nothing to download.
+  With the same sizes its ids equal the tiny S2 Pro fixture tokenizer's, id for id.
+
+Both find special tokens written inside text (``"<|speaker:0|>Hi."`` encodes the speaker tag as one id),
+as Hugging Face tokenizers do with added tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import Tensor
+
+from s2train.config import TextConfig
+
+# The named special tokens, in the order of their ids (after the 256 bytes in ByteTokenizer).
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|pad|>",
+    "<|phoneme_start|>",
+    "<|phoneme_end|>",
+    "<|text|>",
+    "<|voice|>",
+    "<|interleave|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<|audio_pad|>",
+)
+# The specials the prompt builder and the batches need from any tokenizer.
+REQUIRED_TOKENS = ("<|im_start|>", "<|im_end|>", "<|pad|>", "<|voice|>", "<|speaker:0|>")
+SPEAKER_TAG = re.compile(r"<\|speaker:(\d+)\|>")
+SEMANTIC_TAG = re.compile(r"<\|semantic:(\d+)\|>")
+_ANY_TAG = re.compile(r"<\|[^<>|]+\|>")
+
+
+def speaker_token(i: int) -> str:
+    return f"<|speaker:{i}|>"
+
+
+def semantic_token(code: int) -> str:
+    return f"<|semantic:{code}|>"
+
+
+class TextTokenizer(ABC):
+    """What the prompt builder, the data and the inference engine need from a tokenizer.
+
+    Subclasses set ``semantic_begin`` and ``semantic_end`` (the ids of ``<|semantic:0|>`` and of the
+    last semantic token, inclusive) and ``n_speakers`` (``<|speaker:0|>`` .. ``<|speaker:n-1|>`` exist).
+    """
+
+    semantic_begin: int
+    semantic_end: int
+    n_speakers: int
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text``, with special tokens written in it recognised; no BOS/EOS is added."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, special tokens written out by name."""
+
+    @abstractmethod
+    def token_id(self, name: str) -> int:
+        """The id of a special token such as ``<|im_end|>``; ``KeyError`` naming it when absent."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Ids run from 0 to ``vocab_size - 1`` (a model's embedding table may be padded beyond)."""
+
+    @property
+    def n_semantic(self) -> int:
+        return self.semantic_end - self.semantic_begin + 1
+
+    def speaker_id(self, i: int) -> int:
+        return self.token_id(speaker_token(i))
+
+    def is_semantic(self, ids: Tensor) -> Tensor:
+        """Elementwise: is the id a semantic token (``semantic_begin <= id <= semantic_end``)."""
+        return (ids >= self.semantic_begin) & (ids <= self.semantic_end)
+
+    def _check_required(self) -> None:
+        missing = []
+        for name in REQUIRED_TOKENS:
+            try:
+                self.token_id(name)
+            except KeyError:
+                missing.append(name)
+        if missing:
+            raise ValueError(f"the tokenizer lacks the special tokens {missing} that S2 prompts need")
+
+
+class ByteTokenizer(TextTokenizer):
+    """Ids 0..255 are the UTF-8 bytes, then ``SPECIAL_TOKENS``, then ``n_speakers`` speaker tokens,
+    then ``n_semantic`` semantic tokens. ``ByteTokenizer(4, 64)`` is the tiny fixture's layout."""
+
+    def __init__(self, n_speakers: int, n_semantic: int):
+        if n_speakers < 1 or n_semantic < 1:
+            raise ValueError("ByteTokenizer needs at least one speaker token and one semantic token")
+        names = [
+            *SPECIAL_TOKENS,
+            *(speaker_token(i) for i in range(n_speakers)),
+            *(semantic_token(c) for c in range(n_semantic)),
+        ]
+        self._names = names
+        self._ids = {name: 256 + i for i, name in enumerate(names)}
+        self.n_speakers = n_speakers
+        self.semantic_begin = self._ids[semantic_token(0)]
+        self.semantic_end = self.semantic_begin + n_semantic - 1
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(self._names)
+
+    def token_id(self, name: str) -> int:
+        if name not in self._ids:
+            raise KeyError(f"{name} is not a special token of this ByteTokenizer")
+        return self._ids[name]
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        start = 0
+        for match in _ANY_TAG.finditer(text):
+            if match.group() in self._ids:
+                ids += text[start : match.start()].encode("utf-8")
+                ids.append(self._ids[match.group()])
+                start = match.end()
+        ids += text[start:].encode("utf-8")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        pieces, pending = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"id {i} is outside this ByteTokenizer's 0..{self.vocab_size - 1}")
+            if i < 256:
+                pending.append(i)
+                continue
+            pieces.append(pending.decode("utf-8", errors="replace"))
+            pending = bytearray()
+            pieces.append(self._names[i - 256])
+        pieces.append(pending.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+
+class HFTokenizer(TextTokenizer):
+    """A local Hugging Face tokenizer: a folder holding ``tokenizer.json``, or that file itself."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        file = Path(path)
+        if file.is_dir():
+            file = file / "tokenizer.json"
+        if not file.is_file():
+            raise ValueError(f"no Hugging Face tokenizer.json at {path}")
+        self._tokenizer = Tokenizer.from_file(str(file))
+        vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+        semantic = {int(m.group(1)): i for name, i in vocab.items() if (m := SEMANTIC_TAG.fullmatch(name))}
+        if not semantic:
+            raise ValueError(f"{file} has no <|semantic:i|> tokens: it is not an S2 tokenizer")
+        self.semantic_begin, self.semantic_end = min(semantic.values()), max(semantic.values())
+        if sorted(semantic) != list(range(len(semantic))) or any(
+            i != self.semantic_begin + code for code, i in semantic.items()
+        ):
+            raise ValueError(
+                f"{file}: the <|semantic:i|> tokens must be <|semantic:0|>.. in one block of consecutive "
+                "ids, so that a token id is semantic_begin + code"
+            )
+        speakers = {int(m.group(1)) for name in vocab if (m := SPEAKER_TAG.fullmatch(name))}
+        self.n_speakers = next(i for i in range(len(speakers) + 1) if i not in speakers)
+        self._check_required()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, name: str) -> int:
+        i = self._tokenizer.token_to_id(name)
+        if i is None:
+            raise KeyError(f"{name} is not in this tokenizer's vocabulary")
+        return i
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(cfg: TextConfig) -> TextTokenizer:
+    """The tokenizer ``cfg`` names; a Hugging Face one must hold ``cfg.n_semantic`` semantic tokens (the
+    codec's semantic codebook size) and at least ``cfg.n_speakers`` speaker tokens."""
+    if cfg.kind == "byte":
+        return ByteTokenizer(cfg.n_speakers, cfg.n_semantic)
+    tokenizer = HFTokenizer(cfg.path)
+    if tokenizer.n_semantic != cfg.n_semantic:
+        raise ValueError(
+            f"{cfg.path} has {tokenizer.n_semantic} semantic tokens but text.n_semantic={cfg.n_semantic}; "
+            "set text.n_semantic to the codec's semantic codebook size and use a tokenizer that matches it"
+        )
+    if tokenizer.n_speakers < cfg.n_speakers:
+        raise ValueError(
+            f"{cfg.path} has {tokenizer.n_speakers} <|speaker:i|> tokens, fewer than "
+            f"text.n_speakers={cfg.n_speakers}"
+        )
+    return tokenizer

@@ -1,0 +1,433 @@
+"""Pretraining data: token shards -> packed Dual-AR training sequences, streamed with an exact resume.
+
+Shape legend: B batch, K codebooks, T input positions (at most ``max_len``).
+
+This lives in ``s2train/training`` beside ``codec_data.py``, not in ``data_pipeline/``: it runs inside the
+trainer's DataLoader at every step and writes nothing, while ``data_pipeline`` is the sharded, resumable
+production of files (clean and token shards).
+
+**Sequences.** Every utterance becomes ``build_prompt(text, codes=its codes)`` (the one prompt builder
+that inference calls too), then ``inputs_and_labels``: ``(1 + K, n)`` inputs and labels, so that each
+utterance is shifted on its own and no label ever points into the next utterance. Consecutive
+utterances of one speaker are packed into one sequence while their inputs fit ``max_len``. Inside a
+sequence ``segment_ids`` say which utterance a position belongs to and ``positions`` restart at 0 with
+every utterance: the model must attend only within a segment, because inference starts every utterance
+fresh at position 0 with nothing before its prompt, so packing must not let one utterance see another.
+An utterance whose inputs exceed ``max_len`` is dropped or cut to its first ``max_len`` positions
+(``lm_data.overlong``) and counted.
+
+**Readers.** Each DataLoader worker of each rank is one reader (``world_size * num_workers`` in all).
+When there are at least as many units (token shards, or blocks of rows of a saved dataset) as readers,
+every epoch deals the shuffled units round-robin to the readers; otherwise every reader walks all units
+and keeps every ``readers``-th utterance, so no reader (and no rank) is left empty. An epoch's order is a
+function of ``(seed, epoch)`` alone: the unit order, and inside a unit the order of its speakers and of
+each speaker's utterances. With ``loop=True`` (training) every reader runs epoch after epoch, so ranks
+never run out at different steps (which would hang DDP); ``loop=False`` makes one pass.
+
+**Resume.** Every sequence carries its reader's cursor (epoch, sequences yielded in that epoch, overlong
+utterances so far) into the batch (``batch["stream"]``). The trainer hands each batch it consumes to
+``TokenStream.advance`` (in ``training_step``, so a checkpoint written after step N has seen batch N)
+and saves ``state_dict()``; a stream given that state with ``load_state_dict`` skips, in every reader,
+the sequences already consumed, and starts the DataLoader's round-robin at the reader whose turn was
+next. A resumed run therefore sees exactly the batches an uninterrupted run would have seen next, as
+long as ``num_workers`` and the batch size are unchanged. Skipping re-reads and re-packs the skipped part
+of the current epoch (token shards are small), it does not cost any model compute.
+
+    stream = TokenStream(open_token_source("runs/demo/tokenize"), tokenizer, num_codebooks=10,
+                         cfg=LMDataConfig(max_len=1024), seed=0, rank=rank, world_size=world_size)
+    loader = DataLoader(stream, batch_size=8, num_workers=2, collate_fn=Collate(tokenizer.token_id("<|pad|>")))
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data_pipeline.shards import read_tar
+from s2train.config import LMDataConfig
+from s2train.text.prompt import IGNORE, build_prompt, inputs_and_labels
+from s2train.text.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+# -------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class TokenUtterance:
+    key: str
+    speaker: str
+    text: str
+    codes: np.ndarray  # (K, T) integer codes
+
+
+class TokenSource(ABC):
+    """Token data cut into units (the grain at which readers share it out)."""
+
+    @property
+    @abstractmethod
+    def n_units(self) -> int: ...
+
+    @abstractmethod
+    def read_unit(self, unit: int) -> list[TokenUtterance]:
+        """The utterances of one unit, in a fixed order."""
+
+
+class TarShards(TokenSource):
+    """Webdataset token shards (``{key}.codes.npy`` + ``{key}.json``, see ``data_pipeline.tokenize``);
+    one tar is one unit."""
+
+    def __init__(self, paths: list[Path]):
+        if not paths:
+            raise ValueError("no token shards given")
+        self.paths = [Path(p) for p in paths]
+
+    @property
+    def n_units(self) -> int:
+        return len(self.paths)
+
+    def read_unit(self, unit: int) -> list[TokenUtterance]:
+        utterances = []
+        for key, members in read_tar(self.paths[unit]).items():
+            if "codes.npy" not in members or "json" not in members:
+                raise ValueError(f"{self.paths[unit]}: sample {key} lacks its .codes.npy or .json")
+            meta = json.loads(members["json"])
+            codes = np.load(io.BytesIO(members["codes.npy"]), allow_pickle=False)
+            utterances.append(TokenUtterance(key, str(meta.get("speaker") or key), meta["text"], codes))
+        return utterances
+
+
+class SavedDataset(TokenSource):
+    """A Hugging Face ``datasets`` folder written by ``save_to_disk`` with a ``codes`` column (K lists of T
+    ints) and ``text``, optionally ``speaker`` and ``id``; units are blocks of ``rows_per_unit`` rows."""
+
+    def __init__(self, path: str | Path, rows_per_unit: int):
+        self.path, self.rows_per_unit = str(path), rows_per_unit
+        self._dataset = None
+        columns = set(self.dataset.column_names)
+        if not {"codes", "text"} <= columns:
+            raise ValueError(f"{path} needs the columns codes and text; it has {sorted(columns)}")
+
+    @property
+    def dataset(self):
+        if self._dataset is None:  # opened lazily, so a pickled copy in a worker reopens it
+            from datasets import load_from_disk
+
+            self._dataset = load_from_disk(self.path)
+        return self._dataset
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_dataset": None}
+
+    @property
+    def n_units(self) -> int:
+        return -(-len(self.dataset) // self.rows_per_unit)
+
+    def read_unit(self, unit: int) -> list[TokenUtterance]:
+        first = unit * self.rows_per_unit
+        rows = self.dataset[first : min(first + self.rows_per_unit, len(self.dataset))]
+        utterances = []
+        for i, (codes, text) in enumerate(zip(rows["codes"], rows["text"])):
+            key = str(rows["id"][i]) if "id" in rows else f"row{first + i}"
+            speaker = rows["speaker"][i] if "speaker" in rows else None
+            utterances.append(TokenUtterance(key, str(speaker or key), text, np.asarray(codes)))
+        return utterances
+
+
+def open_token_source(spec: str | Path, rows_per_unit: int = 1024) -> TokenSource:
+    """Token data from a tokenize run directory (its ``shards/``), a folder of ``.tar``, a glob, one
+    ``.tar``, or a ``save_to_disk`` folder."""
+    path = Path(spec)
+    if any(c in str(spec) for c in "*?["):
+        return TarShards(sorted(Path(p) for p in glob.glob(str(spec))))
+    if path.is_file() and path.suffix == ".tar":
+        return TarShards([path])
+    if path.is_dir():
+        for folder in (path / "shards", path):
+            if tars := sorted(folder.glob("*.tar")):
+                return TarShards(tars)
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            return SavedDataset(path, rows_per_unit)
+    raise ValueError(
+        f"no token data at {spec}: expected a tokenize run directory, a folder or glob of token .tar "
+        "shards, or a datasets.save_to_disk folder"
+    )
+
+
+# ------------------------------------------------------------------------------------------- packing
+
+
+@dataclass
+class Segment:
+    """One utterance, shifted: ``inputs`` and ``labels`` ``(1 + K, n)``."""
+
+    key: str
+    speaker: str
+    inputs: Tensor
+    labels: Tensor
+
+
+@dataclass
+class PackedSequence:
+    inputs: Tensor  # (1 + K, T) int64
+    labels: Tensor  # (1 + K, T) int64
+    positions: Tensor  # (T,) int64, 0 at the start of every segment
+    segment_ids: Tensor  # (T,) int64, 0, 1, ... one per packed utterance
+    keys: list[str]
+    cursor: tuple[int, int, int, int, int]  # reader, readers on this rank, epoch, yielded, overlong
+
+
+def pack_segments(segments: list[Segment]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(inputs, labels, positions, segment_ids)`` of segments laid end to end."""
+    lengths = [s.inputs.shape[1] for s in segments]
+    return (
+        torch.cat([s.inputs for s in segments], dim=1),
+        torch.cat([s.labels for s in segments], dim=1),
+        torch.cat([torch.arange(n) for n in lengths]),
+        torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]),
+    )
+
+
+class _Packer:
+    """Greedy packing of one speaker's consecutive utterances up to ``max_len`` input positions."""
+
+    def __init__(self, max_len: int, overlong: str):
+        self.max_len, self.overlong = max_len, overlong
+        self.pending: list[Segment] = []
+        self.length = 0
+        self.overlong_count = 0
+
+    def add(self, segment: Segment) -> list[Segment] | None:
+        """Take one segment; return a full group when this one does not join it."""
+        n = segment.inputs.shape[1]
+        if n > self.max_len:
+            self.overlong_count += 1
+            if self.overlong == "drop":
+                return None
+            segment = Segment(
+                segment.key,
+                segment.speaker,
+                segment.inputs[:, : self.max_len],
+                segment.labels[:, : self.max_len],
+            )
+            n = self.max_len
+        full = None
+        if self.pending and (segment.speaker != self.pending[0].speaker or self.length + n > self.max_len):
+            full = self.flush()
+        self.pending.append(segment)
+        self.length += n
+        return full
+
+    def flush(self) -> list[Segment] | None:
+        full, self.pending, self.length = self.pending or None, [], 0
+        return full
+
+
+# -------------------------------------------------------------------------------------------- stream
+
+
+class TokenStream(IterableDataset):
+    """Packed training sequences from token data, split over ranks and DataLoader workers (module doc).
+
+    ``num_codebooks`` is K of the codes (checked on every utterance); ``system_turn`` is
+    ``TextConfig.system_turn``, which the inference engine passes to ``build_prompt`` too.
+    """
+
+    def __init__(
+        self,
+        source: TokenSource,
+        tokenizer: TextTokenizer,
+        num_codebooks: int,
+        cfg: LMDataConfig,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        system_turn: bool = True,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.source, self.tokenizer, self.num_codebooks, self.cfg = source, tokenizer, num_codebooks, cfg
+        self.seed, self.rank, self.world_size, self.system_turn = seed, rank, world_size, system_turn
+        self.epoch = 0  # where readers without a cursor start
+        self.readers: dict[int, tuple[int, int, int]] = {}  # reader -> consumed (epoch, yielded, overlong)
+        self.next_reader = 0  # the reader whose batch the trainer takes next
+        self.num_workers: int | None = None  # DataLoader workers per rank, once a batch was consumed
+
+    # ----------------------------------------------------------------------------------- position
+
+    def set_epoch(self, epoch: int) -> None:
+        """``loop=False``: make the next pass epoch ``epoch``, every reader from its beginning. The epoch the
+        stream is already in (a resumed one, say) is left as it is."""
+        if epoch != self.epoch:
+            self.epoch, self.readers, self.next_reader = epoch, {}, 0
+
+    def advance(self, stream: Tensor) -> None:
+        """Record that the trainer consumed a batch: ``batch["stream"]`` ``(B, 5)``."""
+        for reader, readers, epoch, yielded, overlong in stream.tolist():
+            self.readers[reader] = (epoch, yielded, overlong)
+            self.num_workers, self.next_reader = readers, (reader + 1) % readers
+
+    @property
+    def overlong_count(self) -> int:
+        """Utterances dropped or cut so far in the current epoch of each reader, summed over readers."""
+        return sum(overlong for _, _, overlong in self.readers.values())
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "readers": {str(r): list(c) for r, c in self.readers.items()},
+            "next_reader": self.next_reader,
+            "num_workers": self.num_workers,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.next_reader = int(state["epoch"]), int(state["next_reader"])
+        self.readers = {int(r): tuple(c) for r, c in state["readers"].items()}
+        self.num_workers = state["num_workers"]
+
+    # ---------------------------------------------------------------------------------- iteration
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.num_workers is not None and self.num_workers != workers:
+            raise ValueError(
+                f"this stream was saved with {self.num_workers} DataLoader workers per rank; resume it with "
+                f"the same number, not {workers}, to see the same data order"
+            )
+        return (worker + self.next_reader) % workers, workers
+
+    def _unit_order(self, epoch: int) -> np.ndarray:
+        units = np.arange(self.source.n_units)
+        return np.random.default_rng([self.seed, epoch]).permutation(units) if self.cfg.shuffle else units
+
+    def _speaker_runs(self, utterances: list[TokenUtterance], epoch: int, unit: int) -> list[TokenUtterance]:
+        """A unit's utterances grouped by speaker; groups and their members shuffled per epoch."""
+        groups: dict[str, list[TokenUtterance]] = {}
+        for u in utterances:
+            groups.setdefault(u.speaker, []).append(u)
+        runs = list(groups.values())
+        if self.cfg.shuffle:
+            rng = np.random.default_rng([self.seed, epoch, int(unit)])
+            runs = [[run[i] for i in rng.permutation(len(run))] for run in runs]
+            runs = [runs[i] for i in rng.permutation(len(runs))]
+        return [u for run in runs for u in run]
+
+    def _utterances(self, epoch: int, reader: int, readers: int) -> Iterator[TokenUtterance]:
+        """This reader's share of one epoch, in order."""
+        order = self._unit_order(epoch)
+        by_unit = len(order) >= readers
+        index = 0
+        for unit in order[reader::readers] if by_unit else order:
+            for utterance in self._speaker_runs(self.source.read_unit(int(unit)), epoch, unit):
+                if by_unit or index % readers == reader:
+                    yield utterance
+                index += 1
+
+    def _segment(self, utterance: TokenUtterance) -> Segment:
+        codes = torch.from_numpy(utterance.codes.astype(np.int64))
+        try:
+            prompt = build_prompt(
+                self.tokenizer, utterance.text, self.num_codebooks, codes=codes, system_turn=self.system_turn
+            )
+        except ValueError as error:
+            raise ValueError(f"utterance {utterance.key}: {error}") from error
+        inputs, labels = inputs_and_labels(prompt, self.tokenizer)
+        return Segment(utterance.key, utterance.speaker, inputs, labels)
+
+    def _epoch(self, epoch: int, reader: int, readers: int) -> Iterator[tuple[list[Segment], int]]:
+        """``(segments of one packed sequence, overlong utterances so far)`` for one epoch of a reader."""
+        packer = _Packer(self.cfg.max_len, self.cfg.overlong)
+        for utterance in self._utterances(epoch, reader, readers):
+            if full := packer.add(self._segment(utterance)):
+                yield full, packer.overlong_count
+        if full := packer.flush():
+            yield full, packer.overlong_count
+        if packer.overlong_count:
+            log.warning(
+                "reader %d, epoch %d: %s %d utterances longer than lm_data.max_len=%d",
+                reader,
+                epoch,
+                "dropped" if self.cfg.overlong == "drop" else "cut",
+                packer.overlong_count,
+                self.cfg.max_len,
+            )
+
+    def __iter__(self) -> Iterator[PackedSequence]:
+        local, workers = self._worker()
+        reader, readers = self.rank * workers + local, self.world_size * workers
+        epoch, skip, _ = self.readers.get(local, (self.epoch, 0, 0))
+        while True:
+            yielded = 0
+            for segments, overlong in self._epoch(epoch, reader, readers):
+                yielded += 1
+                if yielded <= skip:
+                    continue
+                inputs, labels, positions, segment_ids = pack_segments(segments)
+                keys = [s.key for s in segments]
+                yield PackedSequence(
+                    inputs, labels, positions, segment_ids, keys, (local, workers, epoch, yielded, overlong)
+                )
+            if not self.cfg.loop:
+                return
+            if yielded == 0:
+                raise ValueError(
+                    f"reader {reader} of {readers} got no sequence in epoch {epoch}: every utterance of its "
+                    "share is longer than lm_data.max_len (with overlong=drop), or there is no data"
+                )
+            epoch, skip = epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------------- batches
+
+
+class Collate:
+    """Packed sequences -> the training batch, right-padded to the longest (or to ``pad_to``).
+
+    ``inputs`` / ``labels`` (B, 1 + K, T) int64, ``positions`` / ``segment_ids`` (B, T) int64,
+    ``stream`` (B, 5) int64 (cursors for ``TokenStream.advance``), ``keys`` (B lists of utterance keys).
+    Padding is one more segment of its own (id = the sequence's segment count, positions from 0), so it
+    never attends to real tokens; its inputs are ``pad_id`` in row 0 and 0 in rows 1..K, labels -100.
+    """
+
+    def __init__(self, pad_id: int, pad_to: int | None = None):
+        self.pad_id, self.pad_to = pad_id, pad_to
+
+    def __call__(self, sequences: list[PackedSequence]) -> dict:
+        longest = max(s.inputs.shape[1] for s in sequences)
+        length = self.pad_to or longest
+        if length < longest:
+            raise ValueError(f"a sequence of {longest} positions does not fit pad_to={self.pad_to}")
+        rows = sequences[0].inputs.shape[0]
+        inputs = torch.zeros(len(sequences), rows, length, dtype=torch.long)
+        inputs[:, 0] = self.pad_id
+        labels = torch.full((len(sequences), rows, length), IGNORE, dtype=torch.long)
+        positions = torch.zeros(len(sequences), length, dtype=torch.long)
+        segment_ids = torch.zeros(len(sequences), length, dtype=torch.long)
+        for b, s in enumerate(sequences):
+            n = s.inputs.shape[1]
+            inputs[b, :, :n], labels[b, :, :n] = s.inputs, s.labels
+            positions[b, :n], segment_ids[b, :n] = s.positions, s.segment_ids
+            positions[b, n:] = torch.arange(length - n)
+            segment_ids[b, n:] = int(s.segment_ids[-1]) + 1
+        return {
+            "inputs": inputs,
+            "labels": labels,
+            "positions": positions,
+            "segment_ids": segment_ids,
+            "stream": torch.tensor([s.cursor for s in sequences], dtype=torch.long),
+            "keys": [s.keys for s in sequences],
+        }
