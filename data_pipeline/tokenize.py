@@ -169,6 +169,9 @@ def run(cfg: S2Config) -> dict:
         else 0.0,
         "frame_rate": codec.frame_rate,
         "codebooks": codec.config.n_codebooks,
+        # entries of each codebook: what a language model over these tokens must be able to predict
+        "codebook_sizes": [codec.config.semantic_codebook_size]
+        + [codec.config.codebook_size] * codec.config.n_residual_codebooks,
         "codec": codec_name,
     }
     write_json_atomic(run_dir / "stats.json", stats)

@@ -62,6 +62,9 @@ class CodecConfig:
     transformer_intermediate: int
     transformer_window: int  # frames each position attends to, itself included
     encoder_transformer_head_dim: int = 64  # encoder transformers: heads = dim // this, FFN = 3 * dim
+    decoder_type: str = "conv"  # conv: DAC's upsampling decoder (released); istft: spectra at the hop rate
+    istft_dim: int = 256  # istft decoder: ConvNeXt width at the hop rate
+    istft_layers: int = 4  # istft decoder: ConvNeXt blocks
     encoder_transformer_window: int = 512
     rope_base: float = 10000.0
     norm_eps: float = 1e-5  # every transformer RMSNorm
@@ -109,6 +112,13 @@ class CodecConfig:
                 2 <= size <= 2**16,
                 f"codec {name} must be between 2 and 65536 so codes fit uint16, not {size}",
             )
+        check(
+            self.decoder_type in ("conv", "istft"),
+            f"codec decoder_type must be conv or istft, not {self.decoder_type!r}",
+        )
+        check(
+            self.istft_dim >= 1 and self.istft_layers >= 0, "codec istft_dim must be >= 1, istft_layers >= 0"
+        )
         check(self.n_residual_codebooks >= 1, "codec n_residual_codebooks must be at least 1")
         check(self.codebook_dim >= 1, "codec codebook_dim must be at least 1")
         check(0.0 <= self.quantizer_dropout <= 1.0, "codec quantizer_dropout must be between 0 and 1")
@@ -258,6 +268,33 @@ class CausalConvTranspose1d(nn.Module):
 # ---------------------------------------------------------------------------------- encoder and decoder
 
 
+class _SnakeFunction(torch.autograd.Function):
+    """Snake with a hand-written backward that keeps only x: autograd's version stores five
+    activation-sized intermediates and runs as many elementwise kernels, which dominates a CPU step.
+
+    y = x + sin(a x)^2 / a;  dy/dx = 1 + sin(2 a x);  dy/da = x sin(2 a x) / a - sin(a x)^2 / a^2.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor) -> Tensor:
+        ctx.save_for_backward(x, alpha)
+        inv = (alpha + 1e-9).reciprocal()
+        return torch.addcmul(x, inv, torch.sin(alpha * x).square())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, alpha = ctx.saved_tensors
+        inv = (alpha + 1e-9).reciprocal()
+        ax = alpha * x
+        sin2 = torch.sin(2 * ax)
+        grad_x = grad + grad * sin2 if ctx.needs_input_grad[0] else None
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            d_alpha = inv * (x * sin2 - inv * torch.sin(ax).square())
+            grad_alpha = (grad * d_alpha).sum(dim=(0, 2), keepdim=True)
+        return grad_x, grad_alpha
+
+
 class Snake(nn.Module):
     """x + sin(alpha x)^2 / alpha, with a learned alpha per channel. (B, C, T) -> (B, C, T)."""
 
@@ -266,7 +303,7 @@ class Snake(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+        return _SnakeFunction.apply(x, self.alpha)
 
 
 class ResidualUnit(nn.Module):
@@ -522,18 +559,71 @@ class WindowTransformer(nn.Module):
 class ConvNeXtBlock(nn.Module):
     """x + gamma * pw2(gelu(pw1(LayerNorm(causal depthwise conv7(x))))). (B, C, T) -> (B, C, T)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, layer_scale: float = 1e-6):
         super().__init__()
         self.dwconv = CausalConv1d(dim, dim, 7, groups=dim, normed=False)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.pwconv2 = nn.Linear(4 * dim, dim)
-        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
 
     def forward(self, x: Tensor, state: StreamState | None = None) -> Tensor:
         y = self.norm(self.dwconv(x, state).transpose(1, 2))  # (B, T, C)
         y = self.gamma * self.pwconv2(F.gelu(self.pwconv1(y)))
         return x + y.transpose(1, 2)
+
+
+class IStftDecoder(nn.Module):
+    """(B, D, T / hop) -> (B, 1, T samples) without a layer at the audio rate (Vocos-style).
+
+    ConvNeXt blocks at the hop rate predict, for every hop t, the log-magnitude and phase of a window of
+    2 * hop samples that ends where hop t ends; an inverse FFT, a periodic Hann window and overlap-add
+    (the windows sum to one) give the waveform. Hop t's samples are the second half of frame t plus the
+    first half of frame t + 1, so a stream releases each hop one frame later and ``flush`` gives the
+    last one; one-shot decoding leaves frame T's (absent) half out the same way.
+
+    Far cheaper than the upsampling decoder on a CPU, and it learns intelligible speech in minutes,
+    which the demo needs; the released S2 Pro codec uses ``decoder_type=conv``.
+    """
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        self.hop = cfg.hop_length
+        self.conv_in = CausalConv1d(cfg.latent_dim, cfg.istft_dim, 7)
+        scale = 1.0 / max(1, cfg.istft_layers)
+        self.blocks = nn.ModuleList(ConvNeXtBlock(cfg.istft_dim, scale) for _ in range(cfg.istft_layers))
+        self.norm = nn.LayerNorm(cfg.istft_dim, eps=1e-6)
+        self.head = nn.Linear(cfg.istft_dim, 2 * (self.hop + 1))  # log-magnitude and phase of hop + 1 bins
+        self.register_buffer("window", torch.hann_window(2 * self.hop, periodic=True), persistent=False)
+
+    def frames(self, latent: Tensor, state: StreamState | None = None) -> Tensor:
+        """(B, D, T) -> windowed frames (B, T, 2 * hop)."""
+        x = self.conv_in(latent, state)
+        for block in self.blocks:
+            x = block(x, state)
+        x = self.head(self.norm(x.transpose(1, 2)))  # (B, T, 2 * (hop + 1))
+        log_magnitude, phase = x.float().chunk(2, dim=-1)
+        spectrum = torch.polar(log_magnitude.clamp(max=8.0).exp(), phase)  # (B, T, hop + 1)
+        return torch.fft.irfft(spectrum, n=2 * self.hop) * self.window  # (B, T, 2 * hop)
+
+    def forward(self, latent: Tensor, state: StreamState | None = None) -> Tensor:
+        frames = self.frames(latent, state)
+        first, second = frames[..., : self.hop], frames[..., self.hop :]  # (B, T, hop) each
+        if state is None:
+            hops = second + F.pad(first[:, 1:], (0, 0, 0, 1))  # the last hop has no next frame
+        else:
+            pending = state.get(self)  # (B, 1, hop): the previous chunk's last second half
+            if pending is None:
+                hops = second[:, :-1] + first[:, 1:]  # frame 0's first half lies before the stream
+            else:
+                hops = torch.cat([pending, second[:, :-1]], dim=1) + first
+            state[self] = second[:, -1:]
+        return hops.flatten(1)[:, None].to(latent.dtype)  # (B, 1, hops * hop)
+
+    def flush(self, state: StreamState) -> Tensor | None:
+        """The last hop of a stream (B, 1, hop), or None when nothing is pending."""
+        pending = state.pop(self, None)
+        return None if pending is None else pending.flatten(1)[:, None]
 
 
 class DownsampleStage(nn.Module):
@@ -604,6 +694,21 @@ class VectorQuantizer(nn.Module):
             self.recent = torch.cat([self.recent, rows])[-self.max_recent :]
         z_q = z_e + (z_q - z_e).detach()
         return self.out_proj(z_q), codes, commitment, codebook
+
+    @torch.no_grad()
+    def init_from_recent(self) -> None:
+        """Data-dependent init: centre z_e (shift in_proj's bias by minus the mean of the recent z_e rows)
+        and make every codebook row one of those centred rows.
+
+        A young encoder's output is dominated by a constant offset (the frames' z_e have cosine
+        similarity near 1), so under a cosine code choice one code wins every frame and the codebook
+        collapses; centred, the frames spread over the codes."""
+        if self.recent.shape[0] == 0:
+            raise ValueError("no encoder outputs were recorded: run training forward passes before an init")
+        mean = self.recent.mean(0)  # (d,)
+        self.in_proj.bias -= mean.to(self.in_proj.bias.dtype)
+        self.recent = self.recent - mean
+        self.restart_dead_codes(min_usage=2**62)
 
     @torch.no_grad()
     def restart_dead_codes(self, min_usage: int = 1) -> int:
@@ -727,6 +832,11 @@ class Quantizer(nn.Module):
         """``VectorQuantizer.restart_dead_codes`` on every codebook; returns the rows replaced in all."""
         return sum(vq.restart_dead_codes(min_usage) for vq in [self.semantic, *self.residual])
 
+    def init_from_recent(self) -> None:
+        """``VectorQuantizer.init_from_recent`` on every codebook (after training forward passes)."""
+        for vq in [self.semantic, *self.residual]:
+            vq.init_from_recent()
+
 
 # ----------------------------------------------------------------------------------------------- codec
 
@@ -740,7 +850,7 @@ class Codec(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.quantizer = Quantizer(config)
-        self.decoder = Decoder(config)
+        self.decoder = IStftDecoder(config) if config.decoder_type == "istft" else Decoder(config)
 
     @property
     def samples_per_frame(self) -> int:
@@ -815,8 +925,9 @@ class Codec(nn.Module):
 
 
 class StreamingDecoder:
-    """Chunked ``Codec.decode``: pushing codes (B, K, t) chunk by chunk returns (B, 1, t * samples_per_frame)
-    per chunk, and the chunks concatenated equal one ``decode`` of the whole stream (allclose).
+    """Chunked ``Codec.decode``: pushing codes (B, K, t) chunk by chunk returns each chunk's audio, and the
+    chunks concatenated (then ``flush()``, which the istft decoder needs) equal one ``decode`` of the whole
+    stream (allclose).
 
     Each causal layer carries its input history, transposed-conv tail or key/value window across chunks,
     so the batch size must stay the same for one stream.
@@ -827,12 +938,19 @@ class StreamingDecoder:
         self.state: StreamState = {}
 
     def push(self, codes: Tensor) -> Tensor:
-        """Codes (K, t) or (B, K, t) -> audio (B, 1, t * samples_per_frame) for these frames."""
+        """Codes (K, t) or (B, K, t) -> the audio these frames complete, (B, 1, samples): t *
+        samples_per_frame with the conv decoder; with the istft one a hop less in the first chunk, which
+        ``flush`` returns at the end."""
         codes = self.codec._batched_codes(codes)
         if codes.shape[-1] == 0:
-            return self.codec.decoder.conv_out.conv.bias.new_zeros(codes.shape[0], 1, 0)
+            return torch.zeros(codes.shape[0], 1, 0, device=codes.device)
         latent = self.codec.quantizer.decode(codes, self.state)
         return self.codec.decoder(latent, self.state)
+
+    def flush(self) -> Tensor | None:
+        """The audio still held back at the end of the stream (istft decoder), or None."""
+        flush = getattr(self.codec.decoder, "flush", None)
+        return flush(self.state) if flush is not None else None
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +56,15 @@ def split_heldout(items: list[Utterance], n_heldout: int) -> tuple[list[Utteranc
     ranked = sorted(items, key=lambda u: hashlib.sha1(u.key.encode()).hexdigest())
     heldout = {u.key for u in ranked[:n_heldout]}
     return [u for u in items if u.key not in heldout], ranked[:n_heldout]
+
+
+def read_metadata(item: Utterance) -> dict:
+    """The clean metadata ``{key}.json`` beside an utterance's audio in its shard."""
+    with tarfile.open(item.shard) as tar:
+        member = tar.extractfile(f"{item.key}.json")
+        if member is None:
+            raise ValueError(f"{item.shard} has no {item.key}.json beside {item.key}.flac")
+        return json.load(member)
 
 
 def read_audio(item: Utterance, sample_rate: int) -> np.ndarray:

@@ -80,9 +80,17 @@ class CodecModule(L.LightningModule):
         return self.global_step // self.steps_per_batch
 
     def configure_optimizers(self):
+        t = self.train_cfg
+
         def adam(params):
-            optimizer = torch.optim.AdamW(params, lr=self.train_cfg.lr, betas=(0.8, 0.99))
-            return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, self.train_cfg.lr_decay)
+            optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.8, 0.99))
+            # Linear warm-up, then DAC's exponential decay. Without the warm-up Adam's first steps (each
+            # parameter moved by the full lr) shift every encoder output together by far more than the
+            # frames differ, and the codebooks collapse to a code or two.
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: min(1.0, (step + 1) / max(1, t.warmup_steps)) * t.lr_decay**step
+            )
+            return optimizer, schedule
 
         parts = [adam(self.codec.parameters())]
         if self.discriminator is not None:
@@ -135,7 +143,11 @@ class CodecModule(L.LightningModule):
         self.log("lr", schedulers[0].get_last_lr()[0], on_step=True, on_epoch=False)
         done = self.step
         every = self.train_cfg.dead_code_every
-        if every and done % every == 0:
+        if done == 1:
+            # Data-dependent init (centred z_e, codebook rows drawn from the first batch): without it one
+            # code wins every frame and the quantizer collapses to perplexity 1 within a few steps.
+            self.codec.quantizer.init_from_recent()
+        elif every and done % every == 0:
             self.log("vq/restarted", float(self.codec.restart_dead_codes()), on_step=True, on_epoch=False)
         if self.train_cfg.preview_every and done % self.train_cfg.preview_every == 0:
             self.log("heldout/mel", self.write_previews(done), on_step=True, on_epoch=False)

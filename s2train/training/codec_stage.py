@@ -8,7 +8,7 @@ steps and ``last.ckpt``; a rerun resumes from ``last.ckpt``, so a requeued job c
 end ``codec.pt``, which ``stage=tokenize tokenize.codec=<run_dir>/codec.pt`` reads.
 
     python -m s2train stage=codec name=demo codec_train.max_steps=200 codec_train.threads=2   # CPU, tiny
-    python -m s2train stage=codec name=mycorpus codec_train.preset=s2pro codec_train.adversarial=true \\
+    python -m s2train stage=codec name=mycorpus codec=s2pro codec_train.adversarial=true \\
         codec_train.precision=bf16-mixed codec_train.segment_s=2 codec_train.batch_size=16 \\
         codec_train.num_workers=8 codec_train.max_steps=400000 codec_train.wandb=true   # one GPU
 """
@@ -25,10 +25,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from s2train.config import S2Config
-from s2train.models import codec as codec_models
+from eval.wer import wer
+from s2train.config import ASRConfig, S2Config
+from s2train.judges.asr import build_asr
 from s2train.models.codec import save_codec
-from s2train.training.codec_data import CropStream, index_shards, read_audio, split_heldout
+from s2train.training.codec_data import (
+    CropStream,
+    Utterance,
+    index_shards,
+    read_audio,
+    read_metadata,
+    split_heldout,
+)
 from s2train.training.codec_module import CodecModule
 
 PREVIEW_MAX_S = 10.0  # held-out utterances are cut to this length
@@ -60,6 +68,36 @@ def _loggers(cfg: S2Config, run_dir: Path) -> list:
     return loggers
 
 
+def heldout_wer(module: CodecModule, items: list[Utterance], asr_cfg: ASRConfig) -> dict:
+    """ASR word error rate of the held-out utterances and of their reconstructions, against the clean
+    transcript, on the utterances whose language the ASR judge speaks. The gap is the codec's cost in
+    intelligibility: ``wer_delta`` points (reconstruction minus original)."""
+    asr = build_asr(asr_cfg)
+    metas = [read_metadata(u) for u in items]
+    languages = getattr(asr, "languages", None)  # None: any language (whisper)
+    chosen = [
+        (u, m)
+        for u, m in zip(items, metas)
+        if m.get("text") and (languages is None or m.get("lang") in languages)
+    ]
+    if not chosen:
+        return {"wer_utterances": 0, "wer_note": f"no held-out utterance in {languages}"}
+    originals = [read_audio(u, module.codec.config.sample_rate) for u, _ in chosen]  # whole utterances
+    recons = [module.reconstruct(w) for w in originals]
+    langs = [m["lang"] for _, m in chosen]
+    refs = [m["text"] for _, m in chosen]
+    hyp_orig = [t.text for t in asr(originals, langs)]
+    hyp_recon = [t.text for t in asr(recons, langs)]
+    original, recon = 100 * wer(refs, hyp_orig), 100 * wer(refs, hyp_recon)
+    return {
+        "wer_utterances": len(chosen),
+        "wer_asr": asr_cfg.backend,
+        "wer_original": round(original, 2),
+        "wer_reconstruction": round(recon, 2),
+        "wer_delta": round(recon - original, 2),
+    }
+
+
 def run(cfg: S2Config) -> dict:
     t = cfg.codec_train
     run_dir = Path(cfg.run_dir)
@@ -69,7 +107,7 @@ def run(cfg: S2Config) -> dict:
         raise ValueError(
             f"no clean shards in {clean_dir / 'shards'}: run stage=clean first or set codec_train.input"
         )
-    codec_config = getattr(codec_models, t.preset)()
+    codec_config = cfg.codec
     rate = codec_config.sample_rate
     train_items, heldout_items = split_heldout(items, t.heldout_items)
     heldout = {u.key: read_audio(u, rate)[: int(PREVIEW_MAX_S * rate)] for u in heldout_items}
@@ -107,7 +145,7 @@ def run(cfg: S2Config) -> dict:
     started = time.perf_counter()
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
     train_s = time.perf_counter() - started
-    trainer.save_checkpoint(last)  # the final step, whatever checkpoint_every says
+    trainer.save_checkpoint(last, weights_only=False)  # the final step, whatever checkpoint_every says
 
     codec = module.codec.eval()
     save_codec(codec, run_dir / "codec.pt")
@@ -123,5 +161,6 @@ def run(cfg: S2Config) -> dict:
         "heldout_codebook_usage": module.heldout_usage(),
         "train_wall_s": round(train_s, 2),
         "steps_per_s": round((module.step - resume_from // per_batch) / train_s, 3),
+        **heldout_wer(module, heldout_items, cfg.judges.asr),
         "codec": str(run_dir / "codec.pt"),
     }
