@@ -43,6 +43,8 @@ def run_stage(cfg: S2Config) -> dict:
     prepare_run_dir(cfg)
     started = time.perf_counter()
     results = runner(cfg)
+    if results is None:  # another rank of a distributed stage: rank 0 writes the results
+        return {}
     results = {"stage": cfg.stage, "run_dir": cfg.run_dir, **results}
     results["wall_s"] = round(time.perf_counter() - started, 2)
     write_json_atomic(Path(cfg.run_dir) / "results.json", results)

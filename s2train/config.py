@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from s2train.inference.sampling import SamplingParams
+from s2train.models.codec import CodecConfig
+from s2train.models.codec import tiny as codec_tiny
+from s2train.models.dual_ar import DualARConfig
+from s2train.models.dual_ar import tiny as dual_ar_tiny
+
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
@@ -202,13 +208,13 @@ class CodecTrainConfig:
     """``stage=codec``: train the RVQ codec on clean shards (see ``s2train.training.codec_stage``)."""
 
     input: str | None = None  # a clean run directory; None: run_root/name/clean
-    preset: str = "tiny"  # tiny | s2pro (s2train.models.codec)
     segment_s: float = 0.64  # random crop length of every training item, in seconds
     batch_size: int = 4
     num_workers: int = 0  # dataloader worker processes (each takes its share of the utterances)
     max_steps: int = 1000  # codec (generator) updates
     lr: float = 3e-4  # AdamW, betas (0.8, 0.99), for the codec and the discriminator alike
     lr_decay: float = 0.999996  # exponential decay per step (DAC)
+    warmup_steps: int = 100  # linear warm-up of the learning rate; keeps the codebooks from collapsing
     grad_clip: float = 1000.0  # max grad norm of each optimizer's parameters
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {
@@ -239,15 +245,13 @@ class CodecTrainConfig:
     wandb_project: str = "s2train"
 
     def __post_init__(self) -> None:
-        _check(
-            self.preset in ("tiny", "s2pro"), f"codec_train.preset must be tiny or s2pro, not {self.preset!r}"
-        )
         _check(self.segment_s > 0, "codec_train.segment_s must be positive")
         _check(self.batch_size >= 1, "codec_train.batch_size must be at least 1")
         _check(self.num_workers >= 0, "codec_train.num_workers cannot be negative")
         _check(self.max_steps >= 1, "codec_train.max_steps must be at least 1")
         _check(self.lr > 0 and 0 < self.lr_decay <= 1, "need codec_train.lr > 0 and 0 < lr_decay <= 1")
         _check(self.grad_clip > 0, "codec_train.grad_clip must be positive")
+        _check(self.warmup_steps >= 0, "codec_train.warmup_steps cannot be negative")
         known = {"mel/loss", "stft/loss", "vq/commitment", "vq/codebook", "adv/gen", "adv/feat"}
         unknown = sorted(set(self.loss_weights) - known)
         _check(
@@ -270,6 +274,166 @@ class CodecTrainConfig:
             _check(getattr(self, name) >= 1, f"codec_train.{name} must be at least 1")
 
 
+# ----------------------------------------------------------------------------------------------- text
+
+
+@dataclass
+class TextConfig:
+    """The text tokenizer (``s2train.text.tokenizer``) and the prompt format that training and inference
+    share: ``byte`` (UTF-8 bytes, then the specials; nothing to download, the demo) or ``hf`` (a local
+    Hugging Face ``tokenizer.json``, e.g. the released S2 Pro's Qwen3 tokenizer)."""
+
+    kind: str = "byte"  # byte | hf
+    path: str | None = None  # hf: a folder with tokenizer.json, or the file
+    n_speakers: int = 4  # <|speaker:0|>..<|speaker:n-1|>: byte makes them, hf must hold at least these
+    n_semantic: int = 64  # semantic tokens = the codec's semantic codebook size (tiny 64, s2pro 4096)
+    system_turn: bool = True  # prompts without a reference open with upstream's system turn; false: none
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("byte", "hf"), f"text.kind must be byte or hf, not {self.kind!r}")
+        _check(self.kind != "hf" or bool(self.path), "text.kind=hf needs text.path (a tokenizer.json folder)")
+        _check(self.n_speakers >= 1, "text.n_speakers must be at least 1")
+        _check(self.n_semantic >= 1, "text.n_semantic must be at least 1")
+
+
+@dataclass
+class LMDataConfig:
+    """Token shards -> packed Dual-AR training sequences (``s2train.training.lm_data``)."""
+
+    input: str | None = None  # a tokenize run dir, a folder or glob of token .tar, or a save_to_disk folder
+    max_len: int = 2048  # input positions of one packed sequence
+    overlong: str = "drop"  # an utterance longer than max_len: drop | cut (keep its first max_len positions)
+    shuffle: bool = True  # a seeded new order every epoch
+    loop: bool = True  # endless: every reader runs epoch after epoch (training); false: one pass
+    hf_rows_per_unit: int = 1024  # a save_to_disk dataset is split into units of this many rows
+
+    def __post_init__(self) -> None:
+        _check(self.max_len >= 8, "lm_data.max_len must be at least 8")
+        _check(
+            self.overlong in ("drop", "cut"), f"lm_data.overlong must be drop or cut, not {self.overlong!r}"
+        )
+        _check(self.hf_rows_per_unit >= 1, "lm_data.hf_rows_per_unit must be at least 1")
+
+
+@dataclass
+class LMTrainConfig:
+    """Training the Dual-AR model (``stage=pretrain``; later stages share it): optimisation, schedule,
+    precision, checkpoints and logging. The distribution strategy is the ``strategy`` group."""
+
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # packed sequences per device and step
+    num_workers: int = 0  # dataloader worker processes per rank (each one a data reader)
+    lr: float = 3e-4  # peak AdamW learning rate
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * this
+    warmup_steps: int = 100  # linear warm-up from 0, then cosine down to min_lr_ratio * lr at max_steps
+    weight_decay: float = 0.1  # matrices only: vectors (norms, biases) and embeddings get none
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"loss/slow": 1.0, "loss/fast": 1.0})
+    include_c0: bool = True  # also train fast output 0 on c0, as S2 does
+    activation_checkpointing: bool = False  # recompute every transformer block in the backward pass
+    accelerator: str = "auto"  # cpu | gpu | auto
+    devices: int = 1  # per node
+    num_nodes: int = 1
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU; or any Lightning precision
+    threads: int = 0  # torch intra-op threads on a CPU; 0 leaves torch's default
+    checkpoint_every: int = 500  # Lightning checkpoint (and last.ckpt) every this many steps
+    log_every: int = 10
+    progress: bool = True  # a progress bar
+    wandb: bool = False  # also log to Weights & Biases (offline unless WANDB_MODE is set)
+    wandb_project: str = "s2train"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "devices", "num_nodes", "checkpoint_every", "log_every"):
+            _check(getattr(self, name) >= 1, f"train.{name} must be at least 1, not {getattr(self, name)}")
+        _check(
+            self.num_workers >= 0 and self.threads >= 0,
+            "train.num_workers and train.threads cannot be negative",
+        )
+        _check(self.lr > 0, "train.lr must be positive")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be between 0 and 1")
+        _check(0 <= self.warmup_steps < self.max_steps, "train.warmup_steps must be below train.max_steps")
+        _check(
+            self.weight_decay >= 0 and self.grad_clip >= 0,
+            "train.weight_decay and grad_clip cannot be negative",
+        )
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas must be two values in [0, 1)",
+        )
+        unknown = set(self.loss_weights) - {"loss/slow", "loss/fast"}
+        _check(
+            not unknown,
+            f"train.loss_weights has unknown keys {sorted(unknown)}; the keys are loss/slow, loss/fast",
+        )
+
+
+@dataclass
+class StrategyConfig:
+    """How training is distributed (the ``strategy`` group: ddp, deepspeed_zero2, deepspeed_zero3)."""
+
+    name: str = "ddp"  # ddp | deepspeed_zero2 | deepspeed_zero3
+    process_group_backend: str | None = None  # None: nccl on GPU, gloo on CPU
+    offload_optimizer: bool = False  # DeepSpeed: optimizer state in CPU memory
+    offload_parameters: bool = False  # DeepSpeed ZeRO-3: parameters in CPU memory
+
+    def __post_init__(self) -> None:
+        known = ("ddp", "deepspeed_zero2", "deepspeed_zero3")
+        _check(self.name in known, f"strategy.name must be one of {', '.join(known)}, not {self.name!r}")
+        _check(
+            self.process_group_backend in (None, "nccl", "gloo"),
+            f"strategy.process_group_backend must be nccl or gloo, not {self.process_group_backend!r}",
+        )
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+
+@dataclass
+class SynthesizeConfig:
+    """``stage=synthesize``: text, optionally in the voice of a reference clip, to .wav files through the
+    inference engine (``s2train.inference.synthesize_stage``). Requests come from ``text``, ``texts`` or a
+    JSONL file (``requests``); any combination is spoken, in that order."""
+
+    model: str | None = None  # a pretrain run dir (model.safetensors + model.json) or a released S2 Pro
+    # folder; None: run_root/name/pretrain
+    codec: str | None = (
+        None  # codec.pt, a folder holding it, or a released S2 Pro codec; None: tokenize.codec
+    )
+    text: str | None = None  # one utterance
+    texts: list[str] = field(default_factory=list)  # several utterances
+    requests: str | None = None  # JSONL, one request a line: text, and optionally id, reference_audio,
+    # reference_text, speaker, seed, max_new_tokens
+    reference_audio: str | None = None  # voice cloning for text / texts: a clip (any format, any rate) ...
+    reference_text: str | None = None  # ... and its transcript
+    speaker: int | None = None  # <|speaker:i|> for texts that carry no speaker tag (default 0)
+    reference_dirs: list[str] = field(default_factory=list)  # folders a JSONL request's reference_audio must
+    # lie in (after resolving links); empty: the JSONL file's own folder
+    max_new_tokens: int = 1024  # frames per utterance at most (the codec's frame rate: 21.5/s for S2 Pro)
+    batch_size: int = 8  # requests decoded together (continuous batching)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:<i>
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
+    cuda_graph: bool = True  # on CUDA: replay each frame's step as a CUDA graph
+    prefix_cache_mb: float = 512.0  # keys and values of reference prompts kept for reuse
+    threads: int = 0  # torch intra-op threads on a CPU; 0 leaves torch's default
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "synthesize.max_new_tokens must be at least 1")
+        _check(self.batch_size >= 1, "synthesize.batch_size must be at least 1")
+        _check(
+            (self.reference_audio is None) == (self.reference_text is None),
+            "synthesize.reference_audio and synthesize.reference_text go together: a clip and its transcript",
+        )
+        _check(self.speaker is None or self.speaker >= 0, "synthesize.speaker cannot be negative")
+        _check(
+            self.dtype in ("auto", "float32", "bfloat16"),
+            f"synthesize.dtype must be auto, float32 or bfloat16, not {self.dtype!r}",
+        )
+        _check(self.prefix_cache_mb >= 0 and self.threads >= 0, "synthesize.prefix_cache_mb and threads >= 0")
+
+
 @dataclass
 class PipelineConfig:
     stages: list[str] = field(default_factory=list)  # run in this order, each in run_root/name/<stage>
@@ -287,8 +451,15 @@ class S2Config:
     clean: CleanConfig = field(default_factory=CleanConfig)
     demo_corpus: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    codec: CodecConfig = field(default_factory=codec_tiny)  # the `codec` group: conf/codec/*.yaml
     codec_train: CodecTrainConfig = field(default_factory=CodecTrainConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    lm_data: LMDataConfig = field(default_factory=LMDataConfig)
+    model: DualARConfig = field(default_factory=dual_ar_tiny)  # the `model` group: conf/model/*.yaml
+    train: LMTrainConfig = field(default_factory=LMTrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)  # the `strategy` group
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
 
 
 def register_configs() -> None:

@@ -1,6 +1,7 @@
 """The registry of stages: ``stage=<name>`` -> the module whose ``run(cfg) -> dict`` does the work.
 
-Each stage writes only under its own run directory and returns its headline figures.
+Each stage writes only under its own run directory and returns its headline figures (a distributed
+stage returns None on every rank but rank 0).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ STAGES: dict[str, str] = {
     "clean": "data_pipeline.clean",
     "tokenize": "data_pipeline.tokenize",
     "codec": "s2train.training.codec_stage",
+    "pretrain": "s2train.training.pretrain_stage",
+    "synthesize": "s2train.inference.synthesize_stage",
     "pipeline": "s2train.cli",
 }
 

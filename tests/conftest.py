@@ -15,6 +15,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
+# experiment=demo as the README runs it, but with a few training steps instead of minutes of them
+DEMO_SHORT = [
+    "codec_train.max_steps=16",
+    "codec_train.preview_every=8",
+    "codec_train.checkpoint_every=8",
+    "train.max_steps=12",
+    "train.warmup_steps=2",
+    "train.checkpoint_every=6",
+    "train.progress=false",
+    "synthesize.max_new_tokens=40",
+    "synthesize.progress=false",
+]
 
 
 def run_cli(*overrides: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
@@ -61,9 +73,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
-    """``python -m s2train experiment=demo`` into a fresh run root: demo corpus, then clean."""
+    """``python -m s2train experiment=demo`` into a fresh run root: every stage of the demo (demo corpus,
+    clean, codec, tokenize, pretrain, synthesize) on the demo corpus, with the two trainings cut to a few
+    steps and the synthesised sentences to 40 frames."""
     root = tmp_path_factory.mktemp("runs")
-    run_cli("experiment=demo", f"run_root={root}")
+    run_cli("experiment=demo", f"run_root={root}", *DEMO_SHORT)
     return root
 
 
@@ -95,3 +109,32 @@ def flite_wav(tmp_path_factory):
         return cache[speaker, text]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def codec_file(tmp_path_factory):
+    """A random-weight ``tiny`` codec checkpoint (25 Hz, 1 x 64 + 3 x 32 codes)."""
+    import torch
+
+    from s2train.models.codec import Codec, save_codec, tiny
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("codec") / "codec.pt"
+    save_codec(Codec(tiny()).eval(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenized(demo_root, codec_file, tmp_path_factory):
+    """``stage=tokenize`` of the demo's clean shards with ``codec_file``: a tokenize run directory."""
+    run_dir = tmp_path_factory.mktemp("tokenize") / "run"
+    run_cli(
+        "experiment=demo",
+        "stage=tokenize",
+        f"run_root={demo_root}",
+        f"run_dir={run_dir}",
+        f"tokenize.codec={codec_file}",
+        "tokenize.batch_size=4",
+        "tokenize.progress=false",
+    )
+    return run_dir

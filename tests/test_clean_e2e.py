@@ -150,7 +150,7 @@ def test_long_recording_is_split_at_a_pause(demo_clean, truth):
 
 
 def test_run_directory_records_config_commit_and_seed(demo_root):
-    for stage in ("demo_corpus", "clean"):
+    for stage in ("demo_corpus", "clean", "codec", "tokenize", "pretrain"):
         run_dir = demo_root / "demo" / stage
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         run = json.loads((run_dir / "run.json").read_text())

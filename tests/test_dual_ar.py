@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from s2train.inference.naive import generate_naive
-from s2train.inference.sampling import allowed_slow_tokens, sample
+from s2train.inference.sampling import SamplingParams, allowed_slow_tokens, sample
 from s2train.models.dual_ar import DualAR, DualARConfig, s2pro, small, tiny
 from s2train.training.dual_ar_loss import dual_ar_loss, select_fast_rows
 
@@ -375,7 +375,8 @@ def test_naive_generation_follows_the_s2_decoding_rule():
     cfg = model.config
     prompt = frame_tokens(cfg, 1, 6, seed=6)[0]
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    run = dict(im_end_id=IM_END, max_new_tokens=6, temperature=5.0, top_p=1.0)
+    hot = SamplingParams(temperature=5.0, top_p=1.0, fast_temperature=5.0, fast_top_p=1.0, ras_window=0)
+    run = dict(im_end_id=IM_END, max_new_tokens=6, sampling=hot)
     first = generate_naive(model, prompt, generator=g1, **run)
     second = generate_naive(model, prompt, generator=g2, **run)
     assert torch.equal(first.tokens, second.tokens), "the generator makes sampling reproducible"

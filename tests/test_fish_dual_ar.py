@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from s2train.compat.fish_dual_ar import load_fish_dual_ar, official_to_ours
 from s2train.inference.naive import generate_naive
+from s2train.inference.sampling import SamplingParams
 from s2train.models.dual_ar import DualAR, rope_cos_sin
 from s2train.training.dual_ar_loss import dual_ar_loss, select_fast_rows
 
@@ -260,9 +261,7 @@ def test_greedy_naive_generation_reproduces_upstream(refs, loaded):
         refs["d.prompt"],
         im_end_id=info.im_end_id,
         max_new_tokens=5,
-        temperature=0.7,
-        top_k=1,
-        top_p=0.9,
+        sampling=SamplingParams(temperature=0.7, top_k=1, top_p=0.9, fast_temperature=0.7, fast_top_k=1),
         generator=torch.Generator().manual_seed(42),
     )
     assert torch.equal(sampled.tokens, refs["d.generated"][:, :5])

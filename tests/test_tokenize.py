@@ -14,31 +14,8 @@ import torch
 
 from data_pipeline.shards import read_tar
 from data_pipeline.tokenize import open_codec
-from s2train.models.codec import Codec, load_codec, save_codec, tiny
+from s2train.models.codec import load_codec
 from tests.conftest import kill_after_units, read_jsonl, run_cli
-
-
-@pytest.fixture(scope="module")
-def codec_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("codec") / "codec.pt"
-    save_codec(Codec(tiny()).eval(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenized(demo_root, codec_file, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("tokenize") / "run"
-    run_cli(
-        "experiment=demo",
-        "stage=tokenize",
-        f"run_root={demo_root}",
-        f"run_dir={run_dir}",
-        f"tokenize.codec={codec_file}",
-        "tokenize.batch_size=4",
-        "tokenize.progress=false",
-    )
-    return run_dir
 
 
 def test_token_shards_follow_the_contract(tokenized, demo_clean, codec_file):

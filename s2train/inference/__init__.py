@@ -1,1 +1,1 @@
-"""Inference: samplers and generation loops over the Dual-AR model (a naive reference loop for now)."""
+"""Inference: samplers, the naive reference loop, the shared inference engine and ``stage=synthesize``."""

@@ -32,8 +32,12 @@ RMSNorm in float32 then cast back and times the weight; the RoPE table rounded t
 GQA where query head h reads key/value head h // (H / Hkv); the fast model's hidden input is the slow
 output after the final norm.
 
-Incremental decoding uses an explicit ``KVCache`` passed to ``DualAR.forward`` (slow) and
-``DualAR.fast_step`` (fast): no hooks, no module state, sized for the batch at hand.
+Incremental decoding uses an explicit cache passed to ``DualAR.forward`` (slow) and ``DualAR.fast_step``
+(fast): no hooks, no module state, sized for the batch at hand. Two kinds share one small protocol
+(``prepare`` the mask and default positions of T new positions, ``update`` each layer's keys and values,
+``advance``): ``KVCache``, where every row fills the same slots (packed or left-padded batches, and the
+fast model's K positions), and ``RowKVCache``, where every row is its own sequence with its own length
+(continuous batching in ``s2train.inference.engine``; fixed shapes for CUDA graphs with ``static``).
 ``s2train.compat.fish_dual_ar`` maps the released checkpoint's key names onto these modules.
 """
 
@@ -267,13 +271,118 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as a cache of their own that shares these buffers (its length is its own)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.segment_ids, view.length = self.segment_ids[start:stop], self.length
+        return view
+
+    def prepare(self, T: int, segment_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Before T new positions of every row: record their segments (B, T) (default all 0) and return
+        the attention mask (B, 1, T, length + T) (True = may attend) and their default positions (1, T)."""
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ValueError(f"{end} positions exceed the {self.max_len} that the cache holds")
+        device = self.segment_ids.device
+        if segment_ids is None:
+            segment_ids = torch.zeros(self.segment_ids.shape[0], T, dtype=torch.long, device=device)
+        self.segment_ids[:, start:end] = segment_ids
+        slots = torch.arange(start, end, device=device)
+        return segment_mask(slots, self.segment_ids[:, :end], segment_ids), slots[None]
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store layer's new keys and values (B, Hkv, T, Dh) after the filled slots; return all of them
-        (B, Hkv, length + T, Dh). ``length`` advances once every layer has stored (``Transformer``)."""
+        (B, Hkv, length + T, Dh). ``length`` advances once every layer has stored (``advance``)."""
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+class RowKVCache:
+    """Keys and values of every layer for B independent sequences, each with its own length (B,).
+
+    Row b's T new positions go to slots ``lengths[b] .. lengths[b] + T`` and take those slot numbers as
+    their RoPE positions; a position attends to the slots of its own row up to itself. Rows therefore
+    join, grow and leave independently: the cache of continuous batching. ``rows(start, stop)`` is a view
+    of some rows that shares the buffers (a prefill of one row, a step of the running rows).
+
+    ``static=False`` (eager) attends over the first ``max(lengths) + T`` slots. ``static=True`` attends
+    over all ``max_len`` slots and never reads a tensor on the host, so one step has fixed shapes and can
+    be captured in a CUDA graph; slots past a row's end are masked, and writes past ``max_len`` (rows
+    that are not in use) are clamped into the last slot, which such a row never reads.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        static: bool = False,
+    ):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, S, Dh)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, S, Dh)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.static = static
+        self._slots: Tensor | None = None  # (B, T) where the positions being run are written
+        self._width = 0  # key slots attended in the current forward
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def rows(self, start: int, stop: int) -> RowKVCache:
+        """Rows start..stop-1 as a cache of their own, sharing these buffers and lengths."""
+        view = object.__new__(RowKVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.lengths, view.static = self.lengths[start:stop], self.static
+        view._slots, view._width = None, 0
+        return view
+
+    def prepare(self, T: int, segment_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The mask (B, 1, T, W) and positions (B, T) of T new positions of every row."""
+        if segment_ids is not None:
+            raise ValueError("a RowKVCache row holds one sequence: segment ids do not apply")
+        device = self.lengths.device
+        slots = self.lengths[:, None] + torch.arange(T, device=device)  # (B, T)
+        if self.static:
+            self._width = self.max_len
+        else:
+            self._width = int(self.lengths.max()) + T
+            if self._width > self.max_len:
+                raise ValueError(f"{self._width} positions exceed the {self.max_len} that the cache holds")
+        self._slots = slots.clamp_max(self.max_len - 1)
+        keys = torch.arange(self._width, device=device)
+        return (keys[None, None, :] <= slots[:, :, None])[:, None], slots
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store layer's new keys and values (B, Hkv, T, Dh) at each row's slots; return the attended
+        slots (B, Hkv, W, Dh)."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        self.k[layer][rows, :, self._slots] = k.transpose(1, 2)  # indexed as (B, T, Hkv, Dh)
+        self.v[layer][rows, :, self._slots] = v.transpose(1, 2)
+        return self.k[layer, :, :, : self._width], self.v[layer, :, :, : self._width]
+
+    def advance(self, T: int) -> None:
+        self.lengths += T
+
+
+def segment_mask(query_slots: Tensor, key_segments: Tensor, query_segments: Tensor) -> Tensor:
+    """Causal attention inside segments: query slots (T,), segments of the keys (B, S) and of the queries
+    (B, T) -> (B, 1, T, S), True where key slot s <= the query's slot and their segments agree."""
+    causal = torch.arange(key_segments.shape[1], device=query_slots.device)[None, :] <= query_slots[:, None]
+    same_segment = key_segments[:, None, :] == query_segments[:, :, None]  # (B, T, S)
+    return (causal[None] & same_segment)[:, None]
 
 
 # ------------------------------------------------------------------------------------ attention, block
@@ -325,7 +434,7 @@ class Attention(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         mask: Tensor | None,
-        cache: KVCache | None = None,
+        cache: KVCache | RowKVCache | None = None,
     ) -> Tensor:
         """x (B, T, D); rope cos/sin (B or 1, T, Dh/2); mask (B or 1, 1, T, S) True = may attend, or None
         for plain causal attention over x alone; with ``cache``, x continues the cached positions."""
@@ -341,8 +450,16 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, Hkv, S, Dh)
         groups = self.n_heads // self.n_kv_heads  # query head h reads key/value head h // groups
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if cache is None:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        else:
+            # Decoding reads the cached keys and values as they are, without a copy per group: the query
+            # heads of one key/value head become extra query rows, (B, Hkv, G * T, Dh), row g * T + t.
+            T = q.shape[2]
+            q = q.unflatten(1, (self.n_kv_heads, groups)).flatten(2, 3)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, groups, 1))
+            out = out.unflatten(2, (groups, T)).flatten(1, 2)  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).flatten(2))  # (B, T, D)
 
 
@@ -367,7 +484,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(dim, intermediate_size)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None = None
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        cache: KVCache | RowKVCache | None = None,
     ) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -414,41 +535,30 @@ class Transformer(nn.Module):
         x: Tensor,
         positions: Tensor | None = None,
         segment_ids: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | RowKVCache | None = None,
     ) -> Tensor:
         """x (B, T, D) -> (B, T, D), after the final norm.
 
-        positions (B or 1, T): RoPE positions; default the slot indices (``cache.length`` onwards).
+        positions (B or 1, T): RoPE positions; default the slot indices (with a cache: its next slots).
         segment_ids (B, T): a position attends only to earlier positions of its own segment (packing,
         padding). With ``cache``, x continues the cached slots, which it writes and then counts.
         """
-        B, T, _ = x.shape
-        start = 0 if cache is None else cache.length
-        end = start + T
-        limit, holder = (self.max_len, "model") if cache is None else (cache.max_len, "cache")
-        if end > limit:
-            raise ValueError(f"{end} positions exceed the {limit} that the {holder} holds")
+        T = x.shape[1]
+        if cache is None:
+            if T > self.max_len:
+                raise ValueError(f"{T} positions exceed the {self.max_len} that the model holds")
+            slots = torch.arange(T, device=x.device)
+            mask = None if segment_ids is None else segment_mask(slots, segment_ids, segment_ids)
+            default_positions = slots[None]  # (1, T)
+        else:
+            mask, default_positions = cache.prepare(T, segment_ids)
         if positions is None:
-            positions = torch.arange(start, end, device=x.device)[None]  # (1, T)
+            positions = default_positions
         rope = rope_cos_sin(positions, self.head_dim, self.rope_base, self.rope_table_dtype)
-
-        mask = None  # plain causal attention
-        if cache is not None or segment_ids is not None:
-            query_slots = torch.arange(start, end, device=x.device)  # (T,)
-            causal = torch.arange(end, device=x.device)[None, :] <= query_slots[:, None]  # (T, S)
-            if segment_ids is None:
-                segment_ids = torch.zeros(B, T, dtype=torch.long, device=x.device)
-            key_segments = segment_ids  # (B, S)
-            if cache is not None:
-                cache.segment_ids[:, start:end] = segment_ids
-                key_segments = cache.segment_ids[:, :end]
-            same_segment = key_segments[:, None, :] == segment_ids[:, :, None]  # (B, T, S)
-            mask = (causal[None] & same_segment)[:, None]  # (B, 1, T, S)
-
         for layer in self.layers:
             x = layer(x, rope, mask, cache)
         if cache is not None:
-            cache.length = end
+            cache.advance(T)
         return self.norm(x)
 
 
@@ -595,6 +705,26 @@ class DualAR(nn.Module):
         weight = self.slow.embeddings.weight
         return self.slow.new_cache(batch_size, max_len, dtype or weight.dtype, weight.device)
 
+    def new_row_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, *, static: bool = False
+    ) -> RowKVCache:
+        """An empty slow cache for ``batch_size`` independent sequences of up to ``max_len`` positions."""
+        if not 1 <= max_len <= self.config.max_seq_len:
+            raise ValueError(
+                f"a KV cache holds between 1 and {self.config.max_seq_len} positions, not {max_len}"
+            )
+        cfg, weight = self.config, self.slow.embeddings.weight
+        return RowKVCache(
+            cfg.n_layers,
+            batch_size,
+            max_len,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            dtype=dtype or weight.dtype,
+            device=weight.device,
+            static=static,
+        )
+
     def new_fast_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty fast cache for ``batch_size`` frames (K positions each); ``reset()`` it per frame."""
         weight = self.fast.embeddings.weight
@@ -607,7 +737,7 @@ class DualAR(nn.Module):
         tokens_BRT: Tensor,
         positions_BT: Tensor | None = None,
         segment_ids_BT: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | RowKVCache | None = None,
     ) -> SlowOutput:
         """The slow model over frame tokens (B, 1 + K, T) -> logits (B, T, V), hidden (B, T, D).
 

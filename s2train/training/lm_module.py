@@ -1,0 +1,194 @@
+"""The LightningModule every Dual-AR training stage shares: pretraining uses it as it is; SFT, fine-tuning
+and GRPO change the batch and the loss, not the optimisation, checkpointing or logging around them.
+
+Shape legend: B batch, R = 1 + K rows, K codebooks, T positions, V vocabulary, N fast rows.
+
+A step: the slow model over the packed inputs (B, R, T) with their positions and segment ids; the fast
+model teacher-forced on the N positions whose next token is semantic; ``dual_ar_loss`` (slow and fast
+cross-entropy, weighted by ``train.loss_weights``, per-codebook losses and accuracies logged under the
+same names). AdamW with weight decay on matrices only (no decay on vectors or embeddings), a linear
+warm-up then a cosine to ``min_lr_ratio * lr``, gradient clipping by the Trainer.
+
+Resume is exact: the checkpoint holds the model, the optimizer, the schedule and every rank's data-stream
+cursor (gathered from all ranks when the checkpoint is written), and the loss of every step goes to
+``losses.jsonl`` in the run directory, which a resumed run first cuts back to the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from s2train.config import LMTrainConfig
+from s2train.models.dual_ar import DualAR, DualARConfig
+from s2train.training.dual_ar_loss import dual_ar_loss, select_fast_rows
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """The learning-rate multiplier at ``step``: linear from 0 to 1 over ``warmup`` steps, then a cosine
+    from 1 down to ``min_ratio`` at ``total``, flat after."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay; vectors (norm weights, biases, Snake alphas) and embeddings do not."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or id(p) in embeddings else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def apply_activation_checkpointing(model: DualAR) -> None:
+    """Recompute every transformer block of both models in the backward pass (from outside the model)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for stack in (model.slow, model.fast):
+        for i, layer in enumerate(stack.layers):
+            stack.layers[i] = checkpoint_wrapper(layer)
+
+
+class DualARModule(L.LightningModule):
+    def __init__(self, model_config: DualARConfig, train: LMTrainConfig, run_dir: Path | str):
+        super().__init__()
+        self.model_config = model_config
+        self.train_cfg = train
+        self.run_dir = Path(run_dir)
+        self.model: DualAR | None = None
+        self.pending_stream_state: dict | None = None  # set on resume, taken by the data module
+
+    def configure_model(self) -> None:
+        """Build the model here, not in ``__init__``: under DeepSpeed ZeRO-3 Lightning calls this inside
+        ``zero.Init``, so a 4B model is sharded as it is built."""
+        if self.model is None:
+            self.model = DualAR(self.model_config)
+            if self.train_cfg.activation_checkpointing:
+                apply_activation_checkpointing(self.model)
+
+    # ------------------------------------------------------------------------------------- the step
+
+    def losses(self, batch: dict) -> dict[str, Tensor]:
+        """``dual_ar_loss`` of a packed batch (``s2train.training.lm_data``'s contract)."""
+        cfg = self.model_config
+        labels = batch["labels"]  # (B, R, T)
+        out = self.model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        rows = select_fast_rows(labels, cfg.semantic_begin_id, cfg.semantic_end_id)
+        fast_logits = self.model.fast_forward(out.hidden[rows.mask_BT], rows.codes_NK)  # (N, K, C)
+        return dual_ar_loss(
+            out.logits,
+            fast_logits,
+            labels,
+            cfg.semantic_begin_id,
+            cfg.semantic_end_id,
+            weights=self.train_cfg.loss_weights,
+            include_c0=self.train_cfg.include_c0,
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self.losses(batch)
+        stream = getattr(self.trainer.datamodule, "stream", None)
+        if stream is not None:  # here, not in a callback, so a checkpoint after this step has seen it
+            stream.advance(batch["stream"])
+        logs = {name: value.detach() for name, value in losses.items()}
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch["inputs"].shape[0])
+        self.log("lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
+        if self.trainer.is_global_zero:
+            self._append_loss(self.global_step + 1, logs)
+        return losses["loss/total"]
+
+    # --------------------------------------------------------------------------------- optimisation
+
+    def configure_optimizers(self):
+        t = self.train_cfg
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas)
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------------- checkpoints and logs
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store every rank's data-stream cursor (this hook runs on every rank)."""
+        stream = getattr(self.trainer.datamodule, "stream", None)
+        state = stream.state_dict() if stream is not None else None
+        states = [state]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+        checkpoint["token_streams"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("token_streams") or [None]
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if len(states) != world:
+            raise ValueError(
+                f"the checkpoint was written by {len(states)} ranks and this run has {world}: the data order "
+                "cannot be resumed exactly; resume with the same number of devices and nodes"
+            )
+        self.pending_stream_state = states[rank]
+
+    @property
+    def loss_file(self) -> Path:
+        return self.run_dir / "losses.jsonl"
+
+    def on_train_start(self) -> None:
+        """Cut ``losses.jsonl`` back to the steps this (possibly resumed) run starts after."""
+        if not self.trainer.is_global_zero or not self.loss_file.exists():
+            return
+        kept = [row for row in read_losses(self.loss_file) if row["step"] <= self.global_step]
+        self.loss_file.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+    def _append_loss(self, step: int, logs: dict[str, Tensor]) -> None:
+        row = {"step": step, **{k: float(v) for k, v in logs.items() if k.startswith("loss/")}}
+        with self.loss_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_losses(path: Path) -> list[dict]:
+    """The rows of a ``losses.jsonl``, in step order; a last line cut short by a kill is left out."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_losses(rows: list[dict], out: Path, title: str) -> None:
+    """``loss/total``, ``loss/slow`` and ``loss/fast`` against the step, as a .png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    for name in ("loss/total", "loss/slow", "loss/fast"):
+        ax.plot(steps, [r[name] for r in rows], label=name, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

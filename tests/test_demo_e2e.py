@@ -1,0 +1,53 @@
+"""``experiment=demo`` chains every stage on the demo corpus: the codec trained on the clean shards,
+the clean shards tokenized with that codec, and the tiny Dual-AR model pretrained on those tokens
+(``demo_root`` runs it once per session, with short trainings)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from data_pipeline.shards import read_tar
+from s2train.models.codec import load_codec
+from tests.conftest import read_jsonl
+
+
+def _results(demo_root, stage: str) -> dict:
+    return json.loads((demo_root / "demo" / stage / "results.json").read_text())
+
+
+def test_demo_codec_reports_heldout_mel_distance_wer_and_codebook_usage(demo_root):
+    codec = _results(demo_root, "codec")
+    assert codec["steps"] == 16 and codec["heldout_utterances"] == 4
+    assert np.isfinite(codec["heldout_mel_distance"]) and codec["heldout_mel_distance"] > 0
+    assert codec["wer_asr"] == "pocketsphinx" and codec["wer_utterances"] >= 1  # English held-out ones
+    assert codec["wer_delta"] == round(codec["wer_reconstruction"] - codec["wer_original"], 2)
+    assert len(codec["codebook_perplexity"]) == len(codec["heldout_codebook_usage"]) == 8
+    previews = demo_root / "demo" / "codec" / "previews" / "step-000016"
+    assert (previews / "mel.png").is_file() and len(list(previews.glob("*.wav"))) == 4
+
+
+def test_demo_tokens_come_from_the_demo_codec(demo_root):
+    tokenize = _results(demo_root, "tokenize")
+    codec = load_codec(demo_root / "demo" / "codec" / "codec.pt")
+    assert tokenize["complete"] and tokenize["codebooks"] == codec.config.n_codebooks == 8
+    assert tokenize["codebook_sizes"] == [256] * 8
+    assert tokenize["frame_rate"] == codec.frame_rate == 50
+    manifest = read_jsonl(demo_root / "demo" / "tokenize" / "manifest.jsonl")
+    clean = read_jsonl(demo_root / "demo" / "clean" / "manifest.jsonl")
+    assert sorted(m["id"] for m in manifest) == sorted(m["id"] for m in clean)
+    shard = next((demo_root / "demo" / "tokenize" / "shards").glob("*.tar"))
+    for members in read_tar(shard).values():
+        meta = json.loads(members["json"])
+        assert meta["codec"] == "codec" and abs(meta["frames"] - meta["duration"] * 50) <= 1
+
+
+def test_demo_pretraining_trains_on_the_demo_tokens(demo_root):
+    pretrain = _results(demo_root, "pretrain")
+    assert pretrain["steps"] == 12
+    assert pretrain["final_loss"] < pretrain["first_loss"]
+    assert pretrain["model_changes"]["num_codebooks"] == [4, 8]
+    assert (demo_root / "demo" / "pretrain" / "loss_curve.png").is_file()
+    pipeline = _results(demo_root, "pipeline")
+    assert pipeline["stages"] == "demo_corpus -> clean -> codec -> tokenize -> pretrain -> synthesize"

@@ -1,0 +1,216 @@
+"""``stage=synthesize`` on a tiny model and a random tiny codec: text, texts and a JSONL file (with voice
+cloning) to .wav files; reruns skip what is done; a seed fixes the files; reference clips outside the
+allowed folders are refused; a released S2 Pro folder (the tiny fixture) synthesises as well."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from s2train.cli import run_stage
+from s2train.config import S2Config, SynthesizeConfig, TextConfig
+from s2train.inference.sampling import SamplingParams
+from s2train.models.codec import load_codec
+from s2train.models.dual_ar import DualAR, tiny
+from s2train.training.pretrain_stage import save_model
+from tests.conftest import read_jsonl, run_cli
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "fish_s2"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A pretrain-style run directory holding a random tiny model (byte tokenizer, 64 semantic tokens)."""
+    folder = tmp_path_factory.mktemp("pretrain")
+    torch.manual_seed(0)
+    save_model(DualAR(tiny()), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def voices(tmp_path_factory) -> Path:
+    """A folder with a reference clip (a 1.5 s chirp at 22.05 kHz, resampled by the stage) and a JSONL."""
+    folder = tmp_path_factory.mktemp("voices")
+    t = np.arange(int(1.5 * 22050)) / 22050
+    sf.write(folder / "anna.wav", (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32), 22050)
+    rows = [
+        {"text": "Hello there.", "id": "hello", "reference_audio": "anna.wav", "reference_text": "A chirp."},
+        {
+            "text": "Again, in her voice.",
+            "id": "again",
+            "reference_audio": "anna.wav",
+            "reference_text": "A chirp.",
+        },
+        {"text": "The second speaker.", "id": "second", "speaker": 1, "seed": 5, "max_new_tokens": 6},
+    ]
+    (folder / "requests.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def config(run_dir: Path, model_dir: Path, codec_file: Path, **synthesize) -> S2Config:
+    fields = dict(
+        model=str(model_dir), codec=str(codec_file), max_new_tokens=12, batch_size=2, progress=False
+    )
+    fields["sampling"] = SamplingParams(temperature=0.9, fast_temperature=0.9)
+    return S2Config(
+        stage="synthesize",
+        run_dir=str(run_dir),
+        seed=3,
+        text=TextConfig(n_semantic=64),
+        synthesize=SynthesizeConfig(**{**fields, **synthesize}),
+    )
+
+
+def test_text_texts_and_jsonl_requests_become_wav_files(tmp_path, model_dir, codec_file, voices):
+    cfg = config(
+        tmp_path / "run",
+        model_dir,
+        codec_file,
+        text="One sentence.",
+        texts=["Two.", "Three, said <|speaker:2|>nobody."],
+        requests=str(voices / "requests.jsonl"),
+        speaker=3,
+    )
+    results = run_stage(cfg)
+    codec = load_codec(codec_file)
+    rate, spf = codec.config.sample_rate, codec.samples_per_frame
+    manifest = read_jsonl(tmp_path / "run" / "manifest.jsonl")
+    assert [m["id"] for m in manifest] == ["utt-00000", "utt-00001", "utt-00002", "hello", "again", "second"]
+    for row in manifest:
+        audio, sr = sf.read(tmp_path / "run" / row["wav"], dtype="float32")
+        assert sr == rate == row["sample_rate"] and len(audio) == row["frames"] * spf
+        assert row["frames"] <= (6 if row["id"] == "second" else 12)
+        assert row["ended_on_im_end"] or row["frames"] == (6 if row["id"] == "second" else 12)
+    by_id = {m["id"]: m for m in manifest}
+    assert by_id["utt-00000"]["text"] == "<|speaker:3|>One sentence."  # synthesize.speaker fills in the tag
+    assert by_id["utt-00002"]["text"] == "Three, said <|speaker:2|>nobody."  # a text's own tag is kept
+    assert by_id["second"]["text"] == "<|speaker:1|>The second speaker." and by_id["second"]["seed"] == 5
+    assert by_id["hello"]["reference_audio"] == str(voices / "anna.wav")
+    assert not by_id["hello"]["prefix_cache_hit"] and by_id["again"]["prefix_cache_hit"]
+    assert results["utterances"] == results["synthesized"] == 6 and results["skipped_done"] == 0
+    assert results["frames"] == sum(m["frames"] for m in manifest) and results["prefix_cache_hits"] >= 2
+    assert results["audio_s"] == pytest.approx(results["frames"] * spf / rate, abs=1e-3)
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "results.json").is_file()
+
+    # A rerun finds every request done and rewrites nothing.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "wav").iterdir()}
+    again = run_stage(cfg)
+    assert again["synthesized"] == 0 and again["skipped_done"] == 6
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "wav").iterdir()}
+
+
+def test_the_same_seed_writes_the_same_files(tmp_path, model_dir, codec_file, voices):
+    texts = ["Exactly the same.", "Twice over."]
+    first = config(
+        tmp_path / "a",
+        model_dir,
+        codec_file,
+        texts=texts,
+        reference_audio=str(voices / "anna.wav"),
+        reference_text="A chirp.",
+    )
+    run_stage(first)
+    run_stage(
+        config(
+            tmp_path / "b",
+            model_dir,
+            codec_file,
+            texts=texts,
+            batch_size=1,
+            reference_audio=str(voices / "anna.wav"),
+            reference_text="A chirp.",
+        )
+    )
+    for name in ("utt-00000.wav", "utt-00001.wav"):
+        assert (tmp_path / "a" / "wav" / name).read_bytes() == (tmp_path / "b" / "wav" / name).read_bytes()
+
+
+def test_reference_clips_outside_the_allowed_folders_are_refused(tmp_path, model_dir, codec_file, voices):
+    outside = tmp_path / "outside.wav"
+    sf.write(outside, np.zeros(2205, dtype=np.float32), 22050)
+    requests = tmp_path / "jsonl" / "requests.jsonl"
+    requests.parent.mkdir()
+    (requests.parent / "link.wav").symlink_to(outside)  # a link inside that points outside
+    for name in ("../outside.wav", str(outside), "link.wav"):
+        requests.write_text(
+            json.dumps({"text": "Hi.", "reference_audio": name, "reference_text": "Hm."}) + "\n"
+        )
+        with pytest.raises(ValueError, match="outside the allowed folders"):
+            run_stage(config(tmp_path / "run", model_dir, codec_file, requests=str(requests)))
+    # Allowed once its folder is named.
+    allowed = config(
+        tmp_path / "ok", model_dir, codec_file, requests=str(requests), reference_dirs=[str(tmp_path)]
+    )
+    assert run_stage(allowed)["utterances"] == 1
+    # Through the CLI: a sentence and exit code 2, before any model is loaded.
+    requests.write_text(
+        json.dumps({"text": "Hi.", "reference_audio": "/etc/passwd", "reference_text": "x"}) + "\n"
+    )
+    proc = run_cli(
+        "stage=synthesize",
+        f"run_dir={tmp_path / 'cli'}",
+        f"synthesize.requests={requests}",
+        f"synthesize.model={model_dir}",
+        f"synthesize.codec={codec_file}",
+        check=False,
+    )
+    assert proc.returncode == 2 and "outside the allowed folders" in proc.stderr
+
+
+def test_bad_requests_and_mismatched_models_get_a_sentence(tmp_path, model_dir, codec_file):
+    lines = tmp_path / "bad.jsonl"
+    for row, message in [
+        ({"txt": "Hi."}, 'needs a non-empty "text"'),
+        ({"text": "Hi.", "voice": "x"}, "unknown keys"),
+        ({"text": "Hi.", "reference_audio": "a.wav"}, "go together"),
+        ({"text": "Hi.", "id": "a.b"}, "letters, digits"),
+    ]:
+        lines.write_text(json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=message):
+            run_stage(config(tmp_path / "run", model_dir, codec_file, requests=str(lines)))
+    with pytest.raises(ValueError, match="unique"):
+        run_stage(config(tmp_path / "run", model_dir, codec_file, text="A.", requests=str(_dup(tmp_path))))
+    with pytest.raises(ValueError, match="nothing to say"):
+        run_stage(config(tmp_path / "run", model_dir, codec_file))
+    with pytest.raises(ValueError, match="semantic tokens"):
+        cfg = config(tmp_path / "run", model_dir, codec_file, text="A.")
+        cfg.text = TextConfig(n_semantic=128)
+        run_stage(cfg)
+    with pytest.raises(ValueError, match="neither model.json"):
+        run_stage(config(tmp_path / "run", tmp_path, codec_file, text="A."))
+    with pytest.raises(ValueError, match="go together"):
+        SynthesizeConfig(reference_audio="a.wav")
+
+
+def _dup(folder: Path) -> Path:
+    path = folder / "dup.jsonl"
+    path.write_text(json.dumps({"text": "x", "id": "utt-00000"}) + "\n")
+    return path
+
+
+@pytest.mark.skipif(
+    not (FIXTURES / "tiny_s2pro").is_dir(), reason=f"the S2 Pro fixtures are not at {FIXTURES}"
+)
+def test_a_released_s2_pro_folder_synthesises(tmp_path):
+    cfg = S2Config(
+        stage="synthesize",
+        run_dir=str(tmp_path / "run"),
+        synthesize=SynthesizeConfig(
+            model=str(FIXTURES / "tiny_s2pro"),
+            codec=str(FIXTURES / "tiny_codec"),
+            text="<|speaker:0|>Hello world.",
+            max_new_tokens=5,
+            sampling=SamplingParams.greedy(),
+            progress=False,
+            threads=1,
+        ),
+    )
+    results = run_stage(cfg)
+    [row] = read_jsonl(tmp_path / "run" / "manifest.jsonl")
+    audio, rate = sf.read(tmp_path / "run" / row["wav"], dtype="float32")
+    assert rate == 44100 and len(audio) == row["frames"] * 2048 and results["codec"] == "fish:tiny_codec"
