@@ -115,12 +115,12 @@ def test_two_process_gloo_ddp_trains(tokenized, tmp_path):
 
 def test_a_resume_with_another_world_size_is_refused(tokenized, tmp_path):
     run_dir = tmp_path / "run"
-    _pretrain(tokenized, run_dir, "train.max_steps=2", "train.batch_size=1")
+    _pretrain(tokenized, run_dir, "train.max_steps=3", "train.batch_size=1")
     proc = run_cli(
         *COMMON,
         f"lm_data.input={tokenized}",
         f"run_dir={run_dir}",
-        "train.max_steps=4",
+        "train.max_steps=6",
         "train.batch_size=1",
         "train.devices=2",
         "train.accelerator=cpu",
