@@ -107,3 +107,11 @@ def remove_stale_temporaries(folder: Path) -> int:
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return len(stale)
+
+
+def checkpoint_step(path: Path) -> int:
+    """Lightning's ``global_step`` in a checkpoint, read with ``weights_only=True`` and memory-mapped, so
+    a large checkpoint's tensors are not read for it."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])

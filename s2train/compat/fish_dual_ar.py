@@ -24,13 +24,12 @@ The config (``model_type`` ``fish_qwen3_omni``) is read as upstream reads it: si
 ``text_config`` and ``audio_decoder_config``; RoPE base and norm eps of both models from ``text_config``;
 ``scale_codebook_embeddings`` and the post-norm fast input forced on; one shared fast embedding table
 and head. ``semantic_begin_id`` / ``semantic_end_id`` come from the ``<|semantic:i|>`` tokens of the
-tokenizer beside the weights, and from the config only when there is no usable tokenizer.
+tokenizer beside the weights, and from the config only when there is no tokenizer.json.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,8 @@ import torch
 from safetensors.torch import load_file
 
 from s2train.models.dual_ar import DualAR, DualARConfig
+from s2train.text.tokenizer import HFTokenizer
 
-SEMANTIC_TOKEN = re.compile(r"^<\|semantic:(\d+)\|>$")
 IM_END, PAD = "<|im_end|>", "<|pad|>"
 
 
@@ -66,36 +65,6 @@ def official_to_ours(key: str) -> str | None:
     if key.startswith("audio_decoder."):
         return "fast." + key.removeprefix("audio_decoder.")
     return None
-
-
-def read_tokenizer_vocab(folder: Path) -> dict[str, int] | None:
-    """Token string -> id of every token in ``folder/tokenizer.json`` (model vocab and added tokens), or
-    None when there is no readable tokenizer there. Parsed as JSON: ids need no BPE machinery."""
-    path = folder / "tokenizer.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    vocab = data.get("model", {}).get("vocab", {})
-    ids = dict(vocab) if isinstance(vocab, dict) else {}
-    for token in data.get("added_tokens", []):
-        ids[token["content"]] = token["id"]
-    return ids
-
-
-def semantic_ids_from_vocab(vocab: dict[str, int]) -> tuple[int, int] | None:
-    """(smallest, largest) id of the ``<|semantic:i|>`` tokens, checked to be one contiguous block in code
-    order; None when the vocabulary has none."""
-    codes = {int(m[1]): token_id for token, token_id in vocab.items() if (m := SEMANTIC_TOKEN.match(token))}
-    if not codes:
-        return None
-    begin = min(codes.values())
-    if sorted(codes) != list(range(len(codes))) or any(codes[c] != begin + c for c in codes):
-        raise ValueError(
-            "the tokenizer's <|semantic:i|> tokens are not one contiguous block with id = first id + i; "
-            "s2train maps code c to token semantic_begin_id + c"
-        )
-    return begin, begin + len(codes) - 1
 
 
 def require_fish_qwen3_omni(cfg: dict[str, Any], where: str) -> None:
@@ -225,19 +194,21 @@ def load_fish_dual_ar(
     cfg = json.loads(config_path.read_text(encoding="utf-8"))
     require_fish_qwen3_omni(cfg, str(config_path))
 
-    vocab = read_tokenizer_vocab(Path(tokenizer_folder) if tokenizer_folder is not None else folder) or {}
-    semantic = semantic_ids_from_vocab(vocab)
-    source = "tokenizer"
-    if semantic is None:
+    tokenizer_dir = Path(tokenizer_folder) if tokenizer_folder is not None else folder
+    if (tokenizer_dir / "tokenizer.json").is_file():  # semantic ids as the tokenizer has them (upstream)
+        tokenizer = HFTokenizer(tokenizer_dir)
+        semantic, source = (tokenizer.semantic_begin, tokenizer.semantic_end), "tokenizer"
+        im_end_id, pad_id = tokenizer.token_id(IM_END), tokenizer.token_id(PAD)
+    else:  # no tokenizer: upstream's fallback to the ids config.json records
         if "semantic_start_token_id" not in cfg or "semantic_end_token_id" not in cfg:
             raise ValueError(
-                f"no tokenizer with <|semantic:i|> tokens beside {folder}, and config.json has no "
+                f"no tokenizer.json beside {folder}, and config.json has no "
                 "semantic_start_token_id / semantic_end_token_id"
             )
         semantic, source = (cfg["semantic_start_token_id"], cfg["semantic_end_token_id"]), "config"
-    im_end_id = vocab.get(IM_END, cfg.get("eos_token_id"))
-    if im_end_id is None:
-        raise ValueError(f"neither the tokenizer nor config.json beside {folder} gives the <|im_end|> id")
+        im_end_id, pad_id = cfg.get("eos_token_id"), cfg.get("pad_token_id")
+        if im_end_id is None:
+            raise ValueError(f"neither a tokenizer nor config.json beside {folder} gives the <|im_end|> id")
     config = dual_ar_config_from_fish(cfg, *semantic, residual_codebook_size)
 
     official, files = read_fish_weights(folder)
@@ -272,7 +243,7 @@ def load_fish_dual_ar(
         semantic_end_id=config.semantic_end_id,
         semantic_ids_from=source,
         im_end_id=int(im_end_id),
-        pad_id=vocab.get(PAD, cfg.get("pad_token_id")),
+        pad_id=pad_id,
         weight_files=files,
     )
     return model.to(device).eval(), info

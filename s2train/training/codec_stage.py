@@ -29,6 +29,7 @@ from eval.wer import wer
 from s2train.config import ASRConfig, S2Config
 from s2train.judges.asr import build_asr
 from s2train.models.codec import save_codec
+from s2train.runs import checkpoint_step
 from s2train.training.codec_data import (
     CropStream,
     Utterance,
@@ -40,11 +41,6 @@ from s2train.training.codec_data import (
 from s2train.training.codec_module import CodecModule
 
 PREVIEW_MAX_S = 10.0  # held-out utterances are cut to this length
-
-
-def checkpoint_step(path: Path) -> int:
-    """Lightning's ``global_step`` in a checkpoint, read with ``weights_only=True``."""
-    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
 def _loggers(cfg: S2Config, run_dir: Path) -> list:

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from s2train.config import S2Config
 from s2train.models.dual_ar import DualAR, DualARConfig
+from s2train.runs import checkpoint_step
 from s2train.text.tokenizer import TextTokenizer, load_tokenizer
 from s2train.training.lm_data import Collate, TokenStream, open_token_source
 from s2train.training.lm_module import DualARModule, plot_losses, read_losses
@@ -219,9 +220,7 @@ def run(cfg: S2Config) -> dict | None:
         use_distributed_sampler=False,  # the token stream splits the data itself
     )
     started = time.perf_counter()
-    step_before = 0
-    if resume is not None:
-        step_before = int(torch.load(resume, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    step_before = checkpoint_step(resume) if resume is not None else 0
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
     train_s = time.perf_counter() - started
     trainer.save_checkpoint(
