@@ -305,6 +305,33 @@ def calibrate(out: Path, truth: list[dict], margin: float) -> dict:
     }
 
 
+SEEDTTS_VOICES = ("awb", "rms", "slt")  # the prompts of the demo's Seed-TTS-Eval style set
+
+
+def write_seedtts_set(out: Path, sample_rate: int) -> Path:
+    """A small Seed-TTS-Eval meta list in ``out``: each flite voice speaks one training sentence as its
+    prompt and two held-out sentences (``sentences/en_eval.txt``) as the ground truth of two utterances;
+    lines are ``utt|prompt_text|prompt-wavs/<voice>.wav|target_text|wavs/<utt>.wav``."""
+    meta = out / "meta.lst"
+    if meta.is_file():
+        return meta
+    targets = sentences("en_eval")
+    prompts = sentences("en")
+    (out / "prompt-wavs").mkdir(parents=True, exist_ok=True)
+    (out / "wavs").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for v, voice in enumerate(SEEDTTS_VOICES):
+        prompt_text = prompts[v * 10]
+        sf.write(out / "prompt-wavs" / f"{voice}.wav", synthesize(voice, prompt_text, sample_rate), sample_rate)
+        for t in range(2):
+            utt = f"{voice}-{t:02d}"
+            target = targets[(2 * v + t) % len(targets)]
+            sf.write(out / "wavs" / f"{utt}.wav", synthesize(voice, target, sample_rate), sample_rate)
+            lines.append(f"{utt}|{prompt_text}|prompt-wavs/{voice}.wav|{target}|wavs/{utt}.wav")
+    write_text_atomic(meta, "\n".join(lines) + "\n")  # last: its presence means the set is whole
+    return meta
+
+
 def run(cfg: S2Config) -> dict:
     check_tools()
     out = Path(cfg.run_dir) / "corpus"
@@ -334,8 +361,10 @@ def run(cfg: S2Config) -> dict:
     calibration = (
         json.loads((out / "quality_calibration.json").read_text()) if cfg.demo_corpus.calibrate else {}
     )
+    seedtts_meta = write_seedtts_set(Path(cfg.run_dir) / "seedtts", cfg.demo_corpus.sample_rate)
     return {
         "corpus": str(out),
+        "seedtts_meta": str(seedtts_meta),
         "recordings": len(truth),
         "good": sum(t["kind"] == "good" for t in truth),
         "bad": sum(t["kind"] == "bad" for t in truth),

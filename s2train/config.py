@@ -435,6 +435,58 @@ class SynthesizeConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``stage=eval``: the Seed-TTS-Eval harness (``eval.stage``). ``mode=seedtts`` reads a meta list and
+    scores ``<gen_dir>/<utt>.wav`` of any system, or first generates them with the inference engine (the
+    model, codec and sampling of ``synthesize``); ``mode=transcripts`` scores stored ASR outputs
+    (``input``: JSONL of utt, lang, ref, hyp). ``profile`` picks the rules: ``official`` (the Seed-TTS-Eval
+    scripts), ``f5`` (F5-TTS's harness), ``demo`` (the official text rules with the offline judges)."""
+
+    mode: str = "seedtts"  # seedtts | transcripts
+    profile: str = "official"  # official | f5 | demo
+    meta: str | None = None  # a Seed-TTS-Eval meta.lst: utt|prompt_text|prompt_wav|target_text[|gt_wav]
+    lang: str = "en"  # the meta list's language: en | zh
+    test_set: str | None = None  # the published rows to compare with: test-en | test-zh | test-hard;
+    # None: test-en or test-zh by lang
+    gen_dir: str | None = None  # score this folder of <utt>.wav; None: generate into run_dir/generate/wav
+    input: str | None = None  # mode=transcripts: the JSONL file
+    limit: int | None = None  # the first N utterances of the meta list only
+    ground_truth: bool = True  # also score the gt_wav of 5-field lines, as the ground-truth row
+    asr: str = "auto"  # auto (the profile's) | whisper | paraformer | pocketsphinx
+    whisper: str | None = None  # a local openai-whisper large-v3 .pt; None: judges.asr.whisper.checkpoint
+    paraformer: str | None = None  # a local funasr paraformer-zh folder (the zh extra)
+    sim: str = "auto"  # auto (the profile's) | wavlm_ecapa | resemblyzer | speechbrain | none
+    sim_checkpoint: str | None = None  # wavlm_ecapa: UniSpeech's wavlm_large_finetune.pth
+    speechbrain: str | None = None  # sim=speechbrain: a local ECAPA folder; None: judges.speaker.checkpoint
+    dnsmos: bool = True  # DNSMOS (speechmos) of every utterance and its mean
+    published: str | None = None  # YAML of other systems' published figures; None: the packaged one
+    device: str = "auto"  # auto | cpu | cuda | cuda:<i>, for the ASR and SIM models
+    merge_timeout_s: float = 7200.0  # rank 0 waits this long for the other ranks' shares
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("seedtts", "transcripts"), f"eval.mode must be seedtts or transcripts, not {self.mode!r}")
+        _check(
+            self.profile in ("official", "f5", "demo"),
+            f"eval.profile must be official, f5 or demo, not {self.profile!r}",
+        )
+        _check(self.lang in ("en", "zh"), f"eval.lang must be en or zh, not {self.lang!r}")
+        _check(
+            self.test_set in (None, "test-en", "test-zh", "test-hard"),
+            f"eval.test_set must be test-en, test-zh or test-hard, not {self.test_set!r}",
+        )
+        _check(
+            self.asr in ("auto", "whisper", "paraformer", "pocketsphinx"),
+            f"eval.asr must be auto, whisper, paraformer or pocketsphinx, not {self.asr!r}",
+        )
+        _check(
+            self.sim in ("auto", "wavlm_ecapa", "resemblyzer", "speechbrain", "none"),
+            f"eval.sim must be auto, wavlm_ecapa, resemblyzer, speechbrain or none, not {self.sim!r}",
+        )
+        _check(self.limit is None or self.limit >= 1, "eval.limit must be at least 1")
+
+
+@dataclass
 class PipelineConfig:
     stages: list[str] = field(default_factory=list)  # run in this order, each in run_root/name/<stage>
 
@@ -460,6 +512,7 @@ class S2Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)  # the `strategy` group
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # the `eval` group: conf/eval/*.yaml
 
 
 def register_configs() -> None:

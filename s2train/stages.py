@@ -17,6 +17,7 @@ STAGES: dict[str, str] = {
     "codec": "s2train.training.codec_stage",
     "pretrain": "s2train.training.pretrain_stage",
     "synthesize": "s2train.inference.synthesize_stage",
+    "eval": "eval.stage",
     "pipeline": "s2train.cli",
 }
 

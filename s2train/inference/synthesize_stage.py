@@ -251,7 +251,8 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
         sf.write(tmp, np.clip(audio, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
 
 
-def run(cfg: S2Config) -> dict:
+def run(cfg: S2Config, manifest: str = "manifest.jsonl") -> dict:
+    """Speak every request into ``run_dir/wav``; ``manifest`` names the JSONL of this call's requests."""
     s = cfg.synthesize
     run_dir = Path(cfg.run_dir)
     wav_dir = run_dir / "wav"
@@ -333,7 +334,7 @@ def run(cfg: S2Config) -> dict:
 
     rows = [json.loads((wav_dir / f"{u.id}.json").read_text(encoding="utf-8")) for u in utterances]
     write_text_atomic(
-        run_dir / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        run_dir / manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     )
     return {
         "utterances": len(utterances),

@@ -133,6 +133,45 @@ class WhisperASR:
         return out
 
 
+    def transcribe_window(self, wav: np.ndarray, language: str, beam_size: int | None = None) -> str:
+        """Seed-TTS-Eval's decoding: one 30 s window (padded or cut), the transcribe task in ``language``,
+        no timestamps, fp32; greedy unless ``beam_size`` is given. Returns the text as decoded."""
+        import torch
+        import whisper
+
+        audio = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), self.model.dims.n_mels)
+        options = whisper.DecodingOptions(
+            task="transcribe",
+            language=language,
+            temperature=0.0,
+            beam_size=beam_size,
+            without_timestamps=True,
+            fp16=False,
+        )
+        return whisper.decode(self.model, mel.to(self.device), options).text
+
+
+class ParaformerASR:
+    """Paraformer-zh through funasr (the ``zh`` extra), from a local model folder, with no VAD and no
+    punctuation model, as Seed-TTS-Eval runs it; ``__call__(paths) -> raw texts``."""
+
+    def __init__(self, model_dir: str | None, device: str = "cpu"):
+        if not model_dir or not Path(model_dir).is_dir():
+            raise ValueError(
+                "eval.paraformer must be a local paraformer-zh model folder (funasr's model.pt, config.yaml, "
+                f"tokens); got {model_dir!r}. Hub names are not downloaded."
+            )
+        try:
+            from funasr import AutoModel
+        except ImportError as error:
+            raise ValueError("Paraformer needs funasr: pip install 's2train[zh]'") from error
+        self.model = AutoModel(model=str(model_dir), device=device, disable_update=True, disable_pbar=True)
+
+    def __call__(self, paths: list[str | Path]) -> list[str]:
+        return [self.model.generate(input=str(p), batch_size_s=300)[0]["text"] for p in paths]
+
+
 def build_asr(cfg: ASRConfig, device: str = "cpu") -> PocketSphinxASR | WhisperASR:
     return WhisperASR(cfg, device) if cfg.backend == "whisper" else PocketSphinxASR(cfg)
 
