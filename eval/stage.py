@@ -340,6 +340,11 @@ def run_seedtts(cfg: S2Config) -> dict:
     parts = run_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     part_file = parts / f"part-{cfg.data.partition:05d}.jsonl"
+    if part_file.is_file() and part_file.stat().st_size:
+        with open(part_file, "rb+") as f:  # a line cut by a crash must not swallow the next record
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     done = set(_read_records(parts))
     found, _ = present(share, gen_dir)
     work = [(GENERATED, item, gen_dir / f"{item.utt}.wav") for item in found]

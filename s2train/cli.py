@@ -55,6 +55,7 @@ def run_stage(cfg: S2Config) -> dict:
 def summary_table(results: dict[str, Any]) -> str:
     """A two-column table of a stage's headline figures (nested dicts are left to results.json)."""
     rows = [(k, _fmt(v)) for k, v in results.items() if not isinstance(v, dict | list)]
+    rows = [(k, v if len(v) <= 72 else v[:71] + "…") for k, v in rows]  # results.json has them whole
     width = max(len(k) for k, _ in rows)
     value_width = max(len(v) for _, v in rows)
     line = "+" + "-" * (width + 2) + "+" + "-" * (value_width + 2) + "+"

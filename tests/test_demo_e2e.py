@@ -50,4 +50,4 @@ def test_demo_pretraining_trains_on_the_demo_tokens(demo_root):
     assert pretrain["model_changes"]["num_codebooks"] == [4, 8]
     assert (demo_root / "demo" / "pretrain" / "loss_curve.png").is_file()
     pipeline = _results(demo_root, "pipeline")
-    assert pipeline["stages"] == "demo_corpus -> clean -> codec -> tokenize -> pretrain -> synthesize"
+    assert pipeline["stages"] == "demo_corpus -> clean -> codec -> tokenize -> pretrain -> synthesize -> eval"
