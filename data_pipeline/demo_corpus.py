@@ -322,7 +322,9 @@ def write_seedtts_set(out: Path, sample_rate: int) -> Path:
     lines = []
     for v, voice in enumerate(SEEDTTS_VOICES):
         prompt_text = prompts[v * 10]
-        sf.write(out / "prompt-wavs" / f"{voice}.wav", synthesize(voice, prompt_text, sample_rate), sample_rate)
+        sf.write(
+            out / "prompt-wavs" / f"{voice}.wav", synthesize(voice, prompt_text, sample_rate), sample_rate
+        )
         for t in range(2):
             utt = f"{voice}-{t:02d}"
             target = targets[(2 * v + t) % len(targets)]

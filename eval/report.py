@@ -107,7 +107,10 @@ def bar_chart(path: Path, results: dict, published: list[dict]) -> None:
     ours = [(name, row.get("wer"), row.get("sim")) for name, row in results["systems"].items()]
     others = [(row["name"], row["wer"], row["sim"]) for row in published]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * (len(ours) + len(others)) + 1.8))
-    for ax, column, title in ((axes[0], 1, "WER % (lower is better)"), (axes[1], 2, "SIM (higher is better)")):
+    for ax, column, title in (
+        (axes[0], 1, "WER % (lower is better)"),
+        (axes[1], 2, "SIM (higher is better)"),
+    ):
         entries = [(n, v, True) for n, *vals in ours for v in [vals[column - 1]] if v is not None]
         entries += [(n, v, False) for n, *vals in others for v in [vals[column - 1]] if v is not None]
         names = [n for n, _, _ in entries]

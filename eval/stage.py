@@ -68,7 +68,9 @@ def read_transcripts(path: Path) -> list[dict]:
             row = json.loads(line)
         except ValueError as error:
             raise ValueError(f"{where} is not JSON: {error}") from error
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("utt", "lang", "ref", "hyp")):
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), str) for k in ("utt", "lang", "ref", "hyp")
+        ):
             raise ValueError(f'{where} needs the strings "utt", "lang", "ref" and "hyp"')
         if row["lang"] not in seedtts.LANGS:
             raise ValueError(f"{where}: lang must be en or zh, not {row['lang']!r}")
@@ -139,7 +141,9 @@ class Judges:
         self.lang = e.lang
         self.device = e.device if e.device != "auto" else _auto_device()
         self.asr_kind = e.asr if e.asr != "auto" else _default_asr(e.profile, e.lang)
-        self.sim_kind = e.sim if e.sim != "auto" else ("resemblyzer" if e.profile == "demo" else "wavlm_ecapa")
+        self.sim_kind = (
+            e.sim if e.sim != "auto" else ("resemblyzer" if e.profile == "demo" else "wavlm_ecapa")
+        )
         self.beam_size = 5 if e.profile == "f5" else None  # F5-TTS decodes with a beam of 5
         self.dnsmos_on = e.dnsmos
         self.hop_s = cfg.judges.quality.dnsmos_hop_s
@@ -165,9 +169,13 @@ class Judges:
         from s2train.judges.asr import WhisperASR
 
         checkpoint = e.whisper or cfg.judges.asr.whisper.checkpoint
-        model = WhisperASR(ASRConfig(backend="whisper", whisper=WhisperConfig(checkpoint=checkpoint)), self.device)
+        model = WhisperASR(
+            ASRConfig(backend="whisper", whisper=WhisperConfig(checkpoint=checkpoint)), self.device
+        )
         decoding = f"beam {self.beam_size}" if self.beam_size else "greedy"
-        self.asr_name = f"whisper {Path(checkpoint).stem} (openai-whisper, {decoding}, no timestamps, 30 s, fp32)"
+        self.asr_name = (
+            f"whisper {Path(checkpoint).stem} (openai-whisper, {decoding}, no timestamps, 30 s, fp32)"
+        )
         return model
 
     def transcribe(self, path: Path) -> str:
@@ -198,7 +206,9 @@ class Judges:
         from s2train.judges.speaker import build_embedder
 
         speaker = dataclasses.replace(
-            cfg.judges.speaker, backend=self.sim_kind, checkpoint=e.speechbrain or cfg.judges.speaker.checkpoint
+            cfg.judges.speaker,
+            backend=self.sim_kind,
+            checkpoint=e.speechbrain or cfg.judges.speaker.checkpoint,
         )
         self.sim_name = "resemblyzer GE2E" if self.sim_kind == "resemblyzer" else "speechbrain ECAPA-TDNN"
         return build_embedder(speaker, self.device)
@@ -209,7 +219,9 @@ class Judges:
         if self.sim_kind == "wavlm_ecapa":
             from s2train.judges.sim_wavlm import load_audio_like_upstream
 
-            return float(self._sim.similarity(*load_audio_like_upstream(generated), *load_audio_like_upstream(prompt)))
+            return float(
+                self._sim.similarity(*load_audio_like_upstream(generated), *load_audio_like_upstream(prompt))
+            )
         a, b = self._sim.embed([read_16k(generated)]), self._sim.embed([read_16k(prompt)])
         return float(np.dot(a[0], b[0]) / (np.linalg.norm(a[0]) * np.linalg.norm(b[0])))
 
@@ -289,7 +301,9 @@ def generate(cfg: S2Config, items: list[MetaItem], meta_path: Path) -> Path:
     lines = []
     for item in items:
         if not synthesize_stage.SAFE_ID.match(item.utt):
-            raise ValueError(f"utterance {item.utt!r} cannot name a generated file: use letters, digits, _ and -")
+            raise ValueError(
+                f"utterance {item.utt!r} cannot name a generated file: use letters, digits, _ and -"
+            )
         seed = zlib.crc32(f"{cfg.seed}:{item.utt}".encode())  # the same audio on any partitioning
         lines.append(
             {
@@ -319,7 +333,9 @@ def generate(cfg: S2Config, items: list[MetaItem], meta_path: Path) -> Path:
 def run_seedtts(cfg: S2Config) -> dict:
     e = cfg.eval
     if not e.meta:
-        raise ValueError("stage=eval needs eval.meta=PATH/meta.lst (or eval=transcripts eval.input=FILE.jsonl)")
+        raise ValueError(
+            "stage=eval needs eval.meta=PATH/meta.lst (or eval=transcripts eval.input=FILE.jsonl)"
+        )
     meta_path = Path(e.meta).expanduser()
     items = read_meta(meta_path)
     if e.limit:
@@ -395,9 +411,7 @@ def run_seedtts(cfg: S2Config) -> dict:
     if missing:
         return summary  # another partition completes the set and writes the report
     order = {item.utt: i for i, item in enumerate(items)}
-    rows = sorted(
-        (records[k] for k in expected), key=lambda r: (r["system"] != GENERATED, order[r["utt"]])
-    )
+    rows = sorted((records[k] for k in expected), key=lambda r: (r["system"] != GENERATED, order[r["utt"]]))
     systems = {}
     for key, label, n_skipped in ((GENERATED, system, len(skipped)), (GROUND_TRUTH, "ground truth", 0)):
         mine = [r for r in rows if r["system"] == key]
@@ -415,7 +429,9 @@ def run_seedtts(cfg: S2Config) -> dict:
             "per_utt": {r["utt"]: r["wer"] for r in rows if r["system"] == GENERATED},
         }
     )
-    write_text_atomic(run_dir / "scores.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text_atomic(
+        run_dir / "scores.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    )
     report.write_csv(run_dir / "scores.csv", rows)
     published = report.published_rows(test_set, e.published)
     write_text_atomic(run_dir / "report.md", report.markdown(summary, published))

@@ -465,7 +465,10 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.mode in ("seedtts", "transcripts"), f"eval.mode must be seedtts or transcripts, not {self.mode!r}")
+        _check(
+            self.mode in ("seedtts", "transcripts"),
+            f"eval.mode must be seedtts or transcripts, not {self.mode!r}",
+        )
         _check(
             self.profile in ("official", "f5", "demo"),
             f"eval.profile must be official, f5 or demo, not {self.profile!r}",

@@ -20,15 +20,27 @@ def wer(ref: str, hyp: str, lang: str = "en", rules=OFFICIAL) -> float:
     [
         # ASCII and CJK punctuation deleted, not replaced by a space; the ASCII apostrophe kept
         ("Hello, World! It's me.", "en", "hello world it's me"),
-        ("“Great” — isn't it?", "en", "great isn't it"),  # curly quotes and the em dash go, then 2 spaces -> 1
+        (
+            "“Great” — isn't it?",
+            "en",
+            "great isn't it",
+        ),  # curly quotes and the em dash go, then 2 spaces -> 1
         ("It’s", "en", "its"),  # the curly apostrophe is punctuation: deleted
         ("co-op well-known", "en", "coop wellknown"),  # hyphens join the halves
         ("3.5 kg, 1,000 people, 20%", "en", "35 kg 1000 people 20"),
         ("Mr. Smith lives in the U.S.A.", "en", "mr smith lives in the usa"),
-        ("ＡＢＣ，ｄｅｆ", "en", "ａｂｃｄｅｆ"),  # full-width letters are only lowercased, full-width comma deleted
+        (
+            "ＡＢＣ，ｄｅｆ",
+            "en",
+            "ａｂｃｄｅｆ",
+        ),  # full-width letters are only lowercased, full-width comma deleted
         ("a   b", "en", "a  b"),  # one pass of "  " -> " ": three spaces become two
         ("你好，世界！", "zh", "你 好 世 界"),
-        ("我用iPhone拍照。", "zh", "我 用 i P h o n e 拍 照"),  # Latin letters become characters too, case kept
+        (
+            "我用iPhone拍照。",
+            "zh",
+            "我 用 i P h o n e 拍 照",
+        ),  # Latin letters become characters too, case kept
         ("你好　世界", "zh", "你 好 世 界"),  # the ideographic space is zhon punctuation
         ("「對」『吧』《書》", "zh", "對 吧 書"),  # references are not converted to simplified characters
     ],
@@ -87,7 +99,9 @@ def test_error_ratios_count_reference_pieces_as_the_official_script_does():
 def test_the_figure_is_the_mean_of_utterances_not_the_corpus_wer():
     scores = [
         seedtts.score_utterance("short", "hello world", "hello", "en", OFFICIAL),  # 1/2
-        seedtts.score_utterance("long", " ".join("abcdefghij"), " ".join("abcdefghij"), "en", OFFICIAL),  # 0/10
+        seedtts.score_utterance(
+            "long", " ".join("abcdefghij"), " ".join("abcdefghij"), "en", OFFICIAL
+        ),  # 0/10
     ]
     summary = seedtts.summarize(scores, OFFICIAL)
     assert summary["wer"] == 25.0
@@ -120,9 +134,7 @@ def test_meta_with_four_and_five_fields(tmp_path):
     meta = tmp_path / "en" / "meta.lst"
     meta.parent.mkdir()
     meta.write_text(
-        "u1|Prompt one.|prompt-wavs/a.wav|Target one.\n"
-        "\n"
-        "u2|Prompt two.|/abs/b.wav|Target two.|wavs/u2.wav\n",
+        "u1|Prompt one.|prompt-wavs/a.wav|Target one.\n\nu2|Prompt two.|/abs/b.wav|Target two.|wavs/u2.wav\n",
         encoding="utf-8",
     )
     items = read_meta(meta)

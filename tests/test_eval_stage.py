@@ -70,7 +70,9 @@ def test_transcripts_mode_reports_the_official_mean_and_each_utterance(tmp_path)
 )
 def test_transcripts_mode_refuses_bad_lines_with_a_sentence(tmp_path, row, message):
     source = write_jsonl(tmp_path / "bad.jsonl", [row])
-    proc = run_cli("stage=eval", "eval=transcripts", f"eval.input={source}", f"run_dir={tmp_path / 'r'}", check=False)
+    proc = run_cli(
+        "stage=eval", "eval=transcripts", f"eval.input={source}", f"run_dir={tmp_path / 'r'}", check=False
+    )
     assert proc.returncode == 2
     assert message in proc.stderr and "line 1" in proc.stderr
 
@@ -132,7 +134,9 @@ def test_scoring_a_folder_counts_skips_writes_the_report_and_resumes(demo_set, t
         f.write('{"system": "generated", "utt": "torn')  # a line cut by a crash is ignored
     score(demo_set, run_dir, "eval.dnsmos=true")
     after = part.read_text()
-    assert after.startswith(before) and after.count("\n") == before.count("\n") + 1  # only the torn line closed
+    assert (
+        after.startswith(before) and after.count("\n") == before.count("\n") + 1
+    )  # only the torn line closed
     assert results(run_dir)["wer"] == out["wer"]
 
 
@@ -200,5 +204,7 @@ def test_whisper_and_wavlm_ecapa_load_from_official_format_checkpoints(demo_set,
 
 
 def test_official_profile_without_local_models_says_what_to_give(demo_set, tmp_path):
-    proc = run_cli("stage=eval", f"eval.meta={demo_set}", f"run_dir={tmp_path / 'r'}", "eval.gen_dir=/tmp", check=False)
+    proc = run_cli(
+        "stage=eval", f"eval.meta={demo_set}", f"run_dir={tmp_path / 'r'}", "eval.gen_dir=/tmp", check=False
+    )
     assert proc.returncode == 2 and "local openai-whisper checkpoint" in proc.stderr

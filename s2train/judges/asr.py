@@ -132,7 +132,6 @@ class WhisperASR:
             )
         return out
 
-
     def transcribe_window(self, wav: np.ndarray, language: str, beam_size: int | None = None) -> str:
         """Seed-TTS-Eval's decoding: one 30 s window (padded or cut), the transcribe task in ``language``,
         no timestamps, fp32; greedy unless ``beam_size`` is given. Returns the text as decoded."""
