@@ -237,7 +237,9 @@ class Judges:
 def _auto_device() -> str:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', '0')))}"
 
 
 def _default_asr(profile: str, lang: str) -> str:
@@ -262,6 +264,21 @@ def comparability(cfg: S2Config, judges: Judges) -> tuple[bool, str]:
 
 
 # ------------------------------------------------------------------------------------- seedtts mode
+
+
+def with_launcher_share(cfg: S2Config) -> S2Config:
+    """``data.partition`` / ``data.num_partitions`` as given, or, when they are left at 0 / 1 inside a
+    multi-process launch (``torchrun``: RANK / WORLD_SIZE; ``srun``: SLURM_PROCID / SLURM_NTASKS), the
+    launcher's rank and world size."""
+    if cfg.data.num_partitions > 1:
+        return cfg
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if int(os.environ.get(world, "1")) > 1:
+            data = dataclasses.replace(
+                cfg.data, partition=int(os.environ[rank]), num_partitions=int(os.environ[world])
+            )
+            return dataclasses.replace(cfg, data=data)
+    return cfg
 
 
 def _partition(cfg: S2Config, items: list[MetaItem]) -> list[MetaItem]:
@@ -336,6 +353,7 @@ def run_seedtts(cfg: S2Config) -> dict:
         raise ValueError(
             "stage=eval needs eval.meta=PATH/meta.lst (or eval=transcripts eval.input=FILE.jsonl)"
         )
+    cfg = with_launcher_share(cfg)
     meta_path = Path(e.meta).expanduser()
     items = read_meta(meta_path)
     if e.limit:

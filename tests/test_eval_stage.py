@@ -208,3 +208,17 @@ def test_official_profile_without_local_models_says_what_to_give(demo_set, tmp_p
         "stage=eval", f"eval.meta={demo_set}", f"run_dir={tmp_path / 'r'}", "eval.gen_dir=/tmp", check=False
     )
     assert proc.returncode == 2 and "local openai-whisper checkpoint" in proc.stderr
+
+
+def test_a_launcher_rank_becomes_the_partition_unless_partitions_are_given(monkeypatch):
+    from eval.stage import with_launcher_share
+    from s2train.config import DataConfig, S2Config
+
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    data = with_launcher_share(S2Config(stage="eval")).data
+    assert (data.partition, data.num_partitions) == (3, 8)
+    given = S2Config(stage="eval", data=DataConfig(partition=1, num_partitions=2))
+    assert with_launcher_share(given).data.partition == 1
+    monkeypatch.delenv("SLURM_NTASKS")
+    assert with_launcher_share(S2Config(stage="eval")).data.num_partitions == 1
