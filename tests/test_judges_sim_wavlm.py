@@ -108,7 +108,7 @@ def test_a_checkpoint_without_wavlm_weights_is_refused(saved, tmp_path):
 
 
 def test_missing_path_and_pickled_objects_are_refused(saved, tmp_path):
-    with pytest.raises(FileNotFoundError, match="wavlm_large_finetune.pth"):
+    with pytest.raises(ValueError, match="wavlm_large_finetune.pth"):
         WavLMEcapaSim(tmp_path / "absent.pth")
     torch.save({"model": saved[0], "args": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.pth")
     with pytest.raises(ValueError, match="weights_only=True"):

@@ -391,7 +391,7 @@ def save_checkpoint(model_state: dict, path: str | Path) -> None:
 
 def _load_state(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ValueError(
             f"SIM checkpoint {str(path)!r} does not exist; pass the local path of Seed-TTS-Eval's "
             "wavlm_large_finetune.pth"
         )
