@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from s2train.inference.naive import generate_naive
 from s2train.inference.sampling import SamplingParams, allowed_slow_tokens, sample
-from s2train.models.dual_ar import DualAR, DualARConfig, s2pro, small, tiny
+from s2train.models.dual_ar import DualAR, DualARConfig, StepDecoder, s2pro, small, tiny
 from s2train.training.dual_ar_loss import dual_ar_loss, select_fast_rows
 
 IM_END = 258  # the tiny tokenizer layout: <|im_end|> sits below the semantic block (272..335)
@@ -223,6 +223,59 @@ def test_cached_fast_steps_equal_the_teacher_forced_forward(overrides):
     first = model.fast_step(model.fast_inputs(hidden, codes[:, :1]), cache)
     rest = model.fast_step(model.fast_embed(codes[:, 1:-1], 1), cache)
     torch.testing.assert_close(torch.cat([first, rest], dim=1), full, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, dtype",
+    [
+        ({}, torch.float32),
+        (
+            dict(
+                qk_norm=False,
+                fast_qk_norm=True,
+                fast_shared_embeddings=False,
+                fast_shared_head=False,
+                fast_dim=32,
+                fast_n_heads=2,
+                fast_n_kv_heads=1,
+            ),
+            torch.float32,
+        ),
+        ({}, torch.bfloat16),
+    ],
+    ids=["s2-style", "per-codebook-projected-fast-qk-norm", "bfloat16"],
+)
+@pytest.mark.parametrize("lengths", [[7], [5, 9, 2], [6, 6, 6]], ids=["one-row", "ragged", "even"])
+@torch.no_grad()
+def test_the_step_decoder_equals_the_cached_modules_bit_for_bit(overrides, dtype, lengths):
+    """StepDecoder (the engine's eager decoding path) against DualAR.forward / fast_step with caches:
+    the same hidden states, logits and keys/values, exactly, for rows of equal or different lengths."""
+    model = make_model(**overrides).to(dtype)
+    cfg, N, K = model.config, len(lengths), model.config.num_codebooks
+    decoder = StepDecoder(model, 64)
+    ours, theirs = model.new_row_cache(N, 64), model.new_row_cache(N, 64)
+    for row, length in enumerate(lengths):
+        prompt = frame_tokens(cfg, 1, length, seed=row)
+        for cache in (ours, theirs):
+            view = cache.rows(row, row + 1)
+            model.slow(model.slow.embed(prompt), cache=view)
+    g = torch.Generator().manual_seed(0)
+    same = lambda a, b: a.dtype == b.dtype and torch.equal(a, b)  # noqa: E731
+    fast_ours, fast_theirs = model.new_fast_cache(N), model.new_fast_cache(N)
+    for _ in range(4):
+        token = torch.randint(cfg.semantic_begin_id - 2, cfg.semantic_end_id + 1, (N, 1), generator=g)
+        columns = torch.cat([token, torch.randint(0, cfg.residual_codebook_size, (N, K), generator=g)], 1)
+        hidden = model(columns[:, :, None], cache=theirs).hidden[:, 0]
+        assert same(decoder.slow_step(columns, ours), hidden)
+        assert same(ours.k, theirs.k) and same(ours.v, theirs.v) and same(ours.lengths, theirs.lengths)
+        codes = torch.randint(0, cfg.residual_codebook_size, (N, K), generator=g)
+        fast_theirs.reset()
+        expected = model.fast_step(model.fast_inputs(hidden, codes[:, :1]), fast_theirs)[:, 1]
+        assert same(decoder.fast_first(hidden, codes[:, 0], fast_ours), expected)
+        for k in range(2, K):
+            expected = model.fast_step(model.fast_embed(codes[:, k - 1 : k], k - 1), fast_theirs)[:, 0]
+            assert same(decoder.fast_next(codes[:, k - 1], k, fast_ours), expected)
+        assert same(fast_ours.k, fast_theirs.k) and same(fast_ours.v, fast_theirs.v)
 
 
 def test_per_codebook_fast_tables_are_used_per_codebook():

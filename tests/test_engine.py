@@ -146,6 +146,23 @@ def test_a_continuously_batched_run_gives_each_request_its_tokens_alone(model):
         assert torch.equal(result.tokens, naive.tokens), "the engine draws exactly what the naive loop draws"
 
 
+def test_the_eager_step_decoder_draws_what_the_modules_draw(model, monkeypatch):
+    """The eager engine decodes through StepDecoder; through the modules (its path under a CUDA graph)
+    a batch of ragged rows with sampling, repetition-aware sampling and a minimum length draws the same."""
+    import s2train.inference.engine as engine_module
+
+    lengths, limits = [20, 35, 12, 50, 8], [30, 10, 25, 40, 15]
+    requests = [
+        Request(p, max_new_tokens=m, min_new_tokens=m // 2, sampling=SamplingParams(), seed=7 + i)
+        for i, (p, m) in enumerate(zip(prompts(model, lengths), limits))
+    ]
+    decoded = InferenceEngine(model, IM_END, max_batch=3).generate(requests)
+    monkeypatch.setattr(engine_module, "StepDecoder", lambda model, max_len: None)
+    through_modules = InferenceEngine(model, IM_END, max_batch=3).generate(requests)
+    for a, b in zip(decoded, through_modules):
+        assert torch.equal(a.tokens, b.tokens)
+
+
 def test_steps_arrive_in_order_and_fixed_lengths_hold(model):
     requests = [
         Request(p, max_new_tokens=6, min_new_tokens=6, seed=i) for i, p in enumerate(prompts(model, [5, 9]))

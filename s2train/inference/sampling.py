@@ -195,6 +195,7 @@ class SlowVocab:
     semantic_begin_id: int
     codebook_size: int  # C
     num_codebooks: int  # K
+    first_codes: Tensor  # (A,): c0 of each allowed token, clamp(id - semantic_begin_id, 0, C - 1)
 
     @classmethod
     def of(cls, config, im_end_id: int, device: torch.device | str = "cpu") -> SlowVocab:
@@ -206,6 +207,7 @@ class SlowVocab:
         )
         ids = allowed.nonzero()[:, 0]
         end_index = int((ids == im_end_id).nonzero()[0, 0])
+        first_codes = (ids - config.semantic_begin_id).clamp(0, config.codebook_size - 1)
         return cls(
             ids.to(device),
             end_index,
@@ -213,6 +215,7 @@ class SlowVocab:
             config.semantic_begin_id,
             config.codebook_size,
             config.num_codebooks,
+            first_codes.to(device),
         )
 
     @property
@@ -247,14 +250,24 @@ class FrameNoise:
 class RowSampler:
     """The sampling parameters of every row of a running batch as tensors (N,), and each row's recent slow
     tokens for repetition-aware sampling. ``set_row`` when a request takes a row, ``move_row`` when the
-    batch is compacted; ``rows(n)`` is a view of the first n rows."""
+    batch is compacted; ``rows(n)`` is a view of the first n rows.
+
+    A frame of a small model is bound by the number of tensor operations, so the draws take few: each
+    row's temperature divisors (``clamp_min(1e-5)``) and repetition window are made in ``set_row``, and
+    flags known on the host skip what no row needs (the top-k cut, the greedy branch, the redraw when
+    nothing repeats). The numbers are those of ``truncate`` and ``draw``.
+    """
 
     def __init__(self, rows: int, device: torch.device | str):
         f = lambda value=0.0: torch.full((rows,), value, device=device)  # noqa: E731
         self.temperature, self.top_p, self.top_k = f(), f(2.0), f(1e9)
         self.fast_temperature, self.fast_top_p, self.fast_top_k = f(), f(2.0), f(1e9)
         self.ras_temperature, self.ras_top_p = f(1.0), f(2.0)
+        # (N, 1) temperature.clamp_min(1e-5): what ``draw`` divides the logits by.
+        self.divisor, self.fast_divisor, self.ras_divisor = (f(1e-5)[:, None] for _ in range(3))
         self.ras_window = torch.zeros(rows, dtype=torch.long, device=device)
+        # The slots of history that a row's repetition window covers (its first ras_window).
+        self.ras_slots = torch.zeros(rows, MAX_RAS_WINDOW, dtype=torch.bool, device=device)
         self.history = torch.full((rows, MAX_RAS_WINDOW), -1, dtype=torch.long, device=device)  # newest first
         # Whether any row needs truncation, or log-probabilities, at all: False skips that work (eager speed
         # only; the tokens are the same either way). ``eager``: tensors may be read on the host to skip
@@ -262,6 +275,10 @@ class RowSampler:
         self.truncating = False
         self.logprobs = False
         self.eager = True
+        # Whether any row has set a top-k cut, a greedy draw (temperature 0), a random one (eager only).
+        self.top_k_cut = self.greedy = self.random = False
+        self._constants: dict[int, tuple[Tensor, Tensor]] = {}  # V -> (ranks (V,), all but the first (V,))
+        self._minus_inf = torch.tensor(float("-inf"), device=device)
 
     _FIELDS = (
         "temperature",
@@ -272,15 +289,21 @@ class RowSampler:
         "fast_top_k",
         "ras_temperature",
         "ras_top_p",
+        "divisor",
+        "fast_divisor",
+        "ras_divisor",
         "ras_window",
+        "ras_slots",
         "history",
     )
+    _FLAGS = ("truncating", "logprobs", "eager", "top_k_cut", "greedy", "random", "_constants", "_minus_inf")
 
     def rows(self, n: int) -> RowSampler:
         view = object.__new__(RowSampler)
         for name in self._FIELDS:
             setattr(view, name, getattr(self, name)[:n])
-        view.truncating, view.logprobs, view.eager = self.truncating, self.logprobs, self.eager
+        for name in self._FLAGS:
+            setattr(view, name, getattr(self, name))
         return view
 
     def set_row(self, row: int, params: SamplingParams) -> None:
@@ -290,11 +313,22 @@ class RowSampler:
         self.fast_temperature[row], self.fast_top_p[row] = params.fast_temperature, cut(params.fast_top_p)
         self.fast_top_k[row] = params.fast_top_k or 1e9
         self.ras_temperature[row], self.ras_top_p[row] = params.ras_temperature, cut(params.ras_top_p)
+        for divisor, temperature in (
+            (self.divisor, self.temperature),
+            (self.fast_divisor, self.fast_temperature),
+            (self.ras_divisor, self.ras_temperature),
+        ):
+            divisor[row] = temperature[row].clamp_min(1e-5)
         self.ras_window[row] = params.ras_window if params.temperature > 0 else 0
+        self.ras_slots[row] = torch.arange(MAX_RAS_WINDOW, device=self.history.device) < self.ras_window[row]
         self.history[row] = -1
         cuts = (params.top_p, params.top_k, params.fast_top_p, params.fast_top_k)
         self.truncating |= any(value is not None for value in cuts) or params.ras_window > 0
         self.logprobs |= params.exact
+        self.top_k_cut |= params.top_k is not None or params.fast_top_k is not None
+        temperatures = (params.temperature, params.fast_temperature, params.ras_temperature)
+        self.greedy |= any(t == 0 for t in temperatures)
+        self.random |= any(t > 0 for t in temperatures)
 
     def move_row(self, source: int, target: int) -> None:
         for name in self._FIELDS:
@@ -302,29 +336,56 @@ class RowSampler:
             tensor[target] = tensor[source]
 
     def _cut(self, logits: Tensor, top_p: Tensor, top_k: Tensor) -> Tensor:
-        return truncate(logits, top_p, top_k) if self.truncating else logits
+        """``truncate`` (the same numbers), skipping the top-k cut where no row has one."""
+        if not self.truncating:
+            return logits
+        if not self.eager:
+            return truncate(logits, top_p, top_k)
+        V = logits.shape[-1]
+        if V not in self._constants:
+            ranks = torch.arange(V, device=logits.device)
+            self._constants[V] = (ranks, ranks > 0)
+        ranks, not_first = self._constants[V]
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
+        drop = sorted_logits.softmax(-1).cumsum(-1) > top_p[:, None]
+        if self.top_k_cut:
+            drop |= ranks >= top_k[:, None]
+        drop &= not_first  # the best token is always kept
+        return torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(drop, self._minus_inf))
 
-    def _log_prob(self, logits: Tensor, temperature: Tensor, tokens: Tensor) -> Tensor:
-        return log_prob(logits, temperature, tokens) if self.logprobs else torch.zeros_like(logits[:, 0])
+    def _draw(self, logits: Tensor, temperature: Tensor, divisor: Tensor, noise: Tensor) -> Tensor:
+        """``draw`` (the same tokens), skipping the branch that no row takes."""
+        if self.eager and not self.random:
+            return logits.argmax(-1)
+        sampled = ((logits / divisor).softmax(-1) / noise).argmax(-1)
+        if self.eager and not self.greedy:
+            return sampled
+        return torch.where(temperature > 0, sampled, logits.argmax(-1))
+
+    def _log_prob(self, logits: Tensor, temperature: Tensor, tokens: Tensor) -> Tensor | None:
+        return log_prob(logits, temperature, tokens) if self.logprobs else None  # None: zeros (decode_frame)
 
     def slow(
         self, logits_NA: Tensor, noise: Tensor, redraw_noise: Tensor, vocab: SlowVocab
-    ) -> tuple[Tensor, Tensor]:
-        """Index among the allowed tokens (N,) and its log-probability (N,) from logits (N, A)."""
+    ) -> tuple[Tensor, Tensor | None]:
+        """Index among the allowed tokens (N,) and its log-probability (N,) from logits (N, A) (None
+        without ``logprobs``)."""
         logits = logits_NA.float()
-        index = draw(self._cut(logits, self.top_p, self.top_k), self.temperature, noise)
-        window = torch.arange(self.history.shape[1], device=logits.device) < self.ras_window[:, None]
-        repeated = ((self.history == index[:, None]) & window).any(-1) & (index != vocab.end_index)
-        if not self.eager or bool(repeated.any()):  # eager: no redraw when nothing repeats
-            redraw = draw(self._cut(logits, self.ras_top_p, self.top_k), self.ras_temperature, redraw_noise)
+        index = self._draw(self._cut(logits, self.top_p, self.top_k), self.temperature, self.divisor, noise)
+        seen = (self.history == index[:, None]) & self.ras_slots  # (N, 64): the token among the last ones
+        if not self.eager or bool(seen.any()):  # eager: no redraw when nothing repeats
+            repeated = seen.any(-1) & (index != vocab.end_index)
+            cut = self._cut(logits, self.ras_top_p, self.top_k)
+            redraw = self._draw(cut, self.ras_temperature, self.ras_divisor, redraw_noise)
             index = torch.where(repeated, redraw, index)
         self.history.copy_(torch.cat([index[:, None], self.history[:, :-1]], dim=1))
         return index, self._log_prob(logits, self.temperature, index)
 
-    def fast(self, logits_NC: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-        """A code (N,) and its log-probability (N,) from fast logits (N, C)."""
+    def fast(self, logits_NC: Tensor, noise: Tensor) -> tuple[Tensor, Tensor | None]:
+        """A code (N,) and its log-probability (N,) from fast logits (N, C) (None without ``logprobs``)."""
         logits = logits_NC.float()
-        code = draw(self._cut(logits, self.fast_top_p, self.fast_top_k), self.fast_temperature, noise)
+        cut = self._cut(logits, self.fast_top_p, self.fast_top_k)
+        code = self._draw(cut, self.fast_temperature, self.fast_divisor, noise)
         return code, self._log_prob(logits, self.fast_temperature, code)
 
 
@@ -355,13 +416,17 @@ def decode_frame(
         slow_logits_NA = slow_logits_NA.clone()
         slow_logits_NA[:, vocab.end_index].masked_fill_(~allow_end, float("-inf"))
     index, slow_lp = sampler.slow(slow_logits_NA, slow_noise, redraw_noise, vocab)
-    token = vocab.allowed_ids[index]  # (N,)
+    token = vocab.allowed_ids.index_select(0, index)  # (N,)
     codes = torch.zeros(n, vocab.num_codebooks, dtype=torch.long, device=token.device)
-    codes[:, 0] = (token - vocab.semantic_begin_id).clamp(0, vocab.codebook_size - 1)
+    codes[:, 0] = vocab.first_codes.index_select(0, index)  # clamp(token - semantic_begin_id, 0, C - 1)
     fast_lp = []
     for k in range(1, vocab.num_codebooks):
         code, lp = sampler.fast(fast_logits(k, codes), code_noise[:, k - 1])
         codes[:, k] = code
         fast_lp.append(lp)
     codes = codes.masked_fill((token == vocab.im_end_id)[:, None], 0)
-    return Frame(torch.cat([token[:, None], codes], dim=1), slow_lp, torch.stack(fast_lp, dim=1))
+    columns = torch.cat([token[:, None], codes], dim=1)
+    if slow_lp is None:  # no row wants log-probabilities
+        zeros = torch.zeros(n, vocab.num_codebooks, device=token.device)
+        return Frame(columns, zeros[:, 0], zeros[:, 1:])
+    return Frame(columns, slow_lp, torch.stack(fast_lp, dim=1))
