@@ -214,7 +214,8 @@ class CodecTrainConfig:
     max_steps: int = 1000  # codec (generator) updates
     lr: float = 3e-4  # AdamW, betas (0.8, 0.99), for the codec and the discriminator alike
     lr_decay: float = 0.999996  # exponential decay per step (DAC)
-    warmup_steps: int = 100  # linear warm-up of the learning rate; keeps the codebooks from collapsing
+    warmup_steps: int = 100  # linear LR warm-up; the quantizer is bypassed as long (at most half the run),
+    # then its codebooks start from the encoder's outputs: young codebooks otherwise collapse
     grad_clip: float = 1000.0  # max grad norm of each optimizer's parameters
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {

@@ -157,6 +157,41 @@ def test_quantizer_losses_are_named_and_reach_the_encoder():
     assert codec.quantizer.residual[0].codebook.weight.grad.abs().sum() > 0
 
 
+def test_quantizer_bypass_passes_the_latent_and_records_codes():
+    codec = make_tiny().train()
+    wav = sines(2, 6400, 16000)
+    out = codec(wav, bypass_quantizer=True)
+    assert out["commitment_loss"] == 0 and out["codebook_loss"] == 0
+    assert out["codes"].shape == (2, codec.config.n_codebooks, 10) and out["audio"].shape == wav.shape
+    assert codec.quantizer.semantic.recent.shape[0] == 20 and codec.quantizer.semantic.usage.sum() == 20
+    out["audio"].square().mean().backward()
+    assert codec.encoder.conv_in.conv.parametrizations.weight.original1.grad.abs().sum() > 0
+    assert codec.quantizer.semantic.codebook.weight.grad is None  # no code reaches the decoder
+    z = codec.quantizer.project(codec.encoder(wav))
+    expected = codec.decoder(codec.quantizer.upsample_frames(codec.quantizer.post_transformer(z)))
+    torch.testing.assert_close(out["audio"], expected)
+
+
+def test_istft_phase_advance_makes_a_steady_latent_a_steady_tone():
+    """A latent that is the same at every hop gives the same spectrum every hop. Without the advance the
+    output then repeats every hop (a buzz at the hop rate's harmonics); with it, the spectrum's bins are
+    steady sinusoids: bin 3 advances 1.5 periods per hop, so the output flips sign from hop to hop."""
+    config = dataclasses.replace(tiny(), decoder_type="istft", istft_layers=0)
+    for advance, sign in ((False, 1.0), (True, -1.0)):
+        decoder = make_tiny(decoder_type="istft", istft_layers=0, istft_phase_advance=advance).decoder
+        hop = decoder.hop
+        with torch.no_grad():
+            decoder.head.weight.zero_()
+            bias = torch.full((2 * (hop + 1),), -30.0)
+            bias[3] = 0.0  # bin 3: magnitude 1; phase 0 (the second half); every other bin silent
+            bias[hop + 1 :] = 0.0
+            decoder.head.bias.copy_(bias)
+            audio = decoder(torch.randn(1, config.latent_dim, 1).expand(1, -1, 8).contiguous())[0, 0]
+        steady = audio[hop : 7 * hop]
+        assert steady.abs().max() > 1e-3
+        torch.testing.assert_close(steady[hop:], sign * steady[:-hop], atol=1e-6, rtol=0)
+
+
 def test_dead_code_restart_changes_only_unused_codes():
     codec = make_tiny().train()
     with pytest.raises(ValueError, match="training forward"):
@@ -208,9 +243,12 @@ def test_streaming_decode_equals_one_shot():
             torch.testing.assert_close(torch.cat(chunks, dim=-1), whole, atol=1e-5, rtol=0)
 
 
-def test_istft_decoder_streams_one_hop_behind_and_equals_one_shot():
+@pytest.mark.parametrize("phase_advance", [False, True])
+def test_istft_decoder_streams_one_hop_behind_and_equals_one_shot(phase_advance):
     torch.manual_seed(0)
-    config = dataclasses.replace(tiny(), decoder_type="istft", istft_dim=32, istft_layers=2)
+    config = dataclasses.replace(
+        tiny(), decoder_type="istft", istft_dim=32, istft_layers=2, istft_phase_advance=phase_advance
+    )
     codec = Codec(config).eval()
     assert not any(isinstance(m, nn.ConvTranspose1d) for m in codec.decoder.modules())
     codes = random_codes(config, 2, 17)

@@ -54,7 +54,14 @@ def clean_dir(tmp_path_factory) -> Path:
 
 def _config(run_dir: Path, clean: Path, **train) -> S2Config:
     settings = dict(
-        input=str(clean), segment_s=0.64, batch_size=4, lr=1e-3, log_every=1, threads=1, heldout_items=1
+        input=str(clean),
+        segment_s=0.64,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=4,
+        log_every=1,
+        threads=1,
+        heldout_items=1,
     )
     codec_train = CodecTrainConfig(**(settings | train))
     return OmegaConf.to_object(
@@ -86,6 +93,9 @@ def test_training_lowers_the_loss_resumes_and_writes_a_codec(clean_dir, tmp_path
     (rows,) = _metrics(run_dir)
     mel = [float(r["mel/loss"]) for r in rows if r.get("mel/loss")]
     assert len(mel) == 12 and np.mean(mel[-3:]) < np.mean(mel[:3])
+    # the quantizer is bypassed during the 4 warm-up steps, then starts from the encoder's outputs
+    commitment = [float(r["vq/commitment"]) for r in rows if r.get("vq/commitment")]
+    assert commitment[:4] == [0.0] * 4 and min(commitment[4:]) > 0
     weights = set(CodecTrainConfig().loss_weights) - {"adv/gen", "adv/feat"}
     assert weights <= set(rows[0])  # loss weights are keyed by the logged names
     assert {f"vq/perplexity_{k}" for k in range(4)} | {f"vq/dead_{k}" for k in range(4)} <= set(rows[0])

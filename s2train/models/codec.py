@@ -65,6 +65,7 @@ class CodecConfig:
     decoder_type: str = "conv"  # conv: DAC's upsampling decoder (released); istft: spectra at the hop rate
     istft_dim: int = 256  # istft decoder: ConvNeXt width at the hop rate
     istft_layers: int = 4  # istft decoder: ConvNeXt blocks
+    istft_phase_advance: bool = False  # istft decoder: turn bin k by pi * k per hop (see IStftDecoder)
     encoder_transformer_window: int = 512
     rope_base: float = 10000.0
     norm_eps: float = 1e-5  # every transformer RMSNorm
@@ -595,6 +596,7 @@ class IStftDecoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.istft_dim, eps=1e-6)
         self.head = nn.Linear(cfg.istft_dim, 2 * (self.hop + 1))  # log-magnitude and phase of hop + 1 bins
         self.register_buffer("window", torch.hann_window(2 * self.hop, periodic=True), persistent=False)
+        self.phase_advance = cfg.istft_phase_advance
 
     def frames(self, latent: Tensor, state: StreamState | None = None) -> Tensor:
         """(B, D, T) -> windowed frames (B, T, 2 * hop)."""
@@ -603,6 +605,16 @@ class IStftDecoder(nn.Module):
             x = block(x, state)
         x = self.head(self.norm(x.transpose(1, 2)))  # (B, T, 2 * (hop + 1))
         log_magnitude, phase = x.float().chunk(2, dim=-1)
+        if self.phase_advance:
+            # A steady sinusoid at bin k's centre advances pi * k per hop. The layers above are the same at
+            # every hop, so without this a steady input makes the same frame every hop: a buzz at the hop
+            # rate's harmonics (odd bins cancel). With it, a steady output is a steady sum of bin centres.
+            start = 0 if state is None else state.get(self.head, 0)  # hops decoded before (head: the key)
+            if state is not None:
+                state[self.head] = start + x.shape[1]
+            t = torch.arange(start, start + x.shape[1], device=x.device)  # (T,)
+            k = torch.arange(self.hop + 1, device=x.device)  # (hop + 1,)
+            phase = phase + math.pi * ((t[:, None] * k[None, :]) % 2)  # (T, hop + 1), broadcast over B
         spectrum = torch.polar(log_magnitude.clamp(max=8.0).exp(), phase)  # (B, T, hop + 1)
         return torch.fft.irfft(spectrum, n=2 * self.hop) * self.window  # (B, T, 2 * hop)
 
@@ -777,15 +789,28 @@ class Quantizer(nn.Module):
             all_codes.append(codes)
         return z_q, torch.stack(all_codes, dim=1), commitment.mean(), codebook.mean()
 
-    def forward(self, latent: Tensor) -> dict[str, Tensor]:
+    def forward(self, latent: Tensor, bypass: bool = False) -> dict[str, Tensor]:
         """Training pass on the encoder output (B, D, T / hop).
 
         Returns ``latent`` (the decoder input, B, D, T / hop), ``codes`` (B, K, T / frame),
         ``commitment_loss``, ``codebook_loss`` and ``codebooks_used`` (B,). In training mode a
         ``quantizer_dropout`` share of the items keeps only 1..K-1 residual codebooks (uniform); in eval
-        every item keeps all of them.
+        every item keeps all of them. With ``bypass`` the decoder gets z itself, unquantised, and both VQ
+        losses are zero; the codes are still chosen (and usage and recent z_e rows recorded in training),
+        so that ``init_from_recent`` afterwards starts the codebooks from an encoder that already carries
+        the audio.
         """
         z = self.project(latent)
+        if bypass:
+            codes = self.quantize(z, torch.full((z.shape[0],), self.n_residual, device=z.device))[1]
+            zero = z.new_zeros(())
+            return {
+                "latent": self.upsample_frames(self.post_transformer(z)),
+                "codes": codes,
+                "commitment_loss": zero,
+                "codebook_loss": zero,
+                "codebooks_used": torch.full((z.shape[0],), 1 + self.n_residual, device=z.device),
+            }
         batch = z.shape[0]
         n_residual = torch.full((batch,), self.n_residual, device=z.device)
         if self.training and self.dropout > 0:
@@ -903,14 +928,15 @@ class Codec(nn.Module):
         """Codes (K, T) or (B, K, T) -> audio (B, 1, T * samples_per_frame); K may be fewer than all."""
         return self.decoder(self.quantizer.decode(self._batched_codes(codes)))
 
-    def forward(self, wav: Tensor) -> dict[str, Tensor]:
+    def forward(self, wav: Tensor, bypass_quantizer: bool = False) -> dict[str, Tensor]:
         """Training pass on audio (B, 1, T) or (B, T) at the codec's rate.
 
         Returns ``audio`` (the reconstruction, B, 1, T), ``codes`` (B, K, T'), ``commitment_loss``,
-        ``codebook_loss`` and ``codebooks_used`` (B,) (see ``Quantizer.forward``).
+        ``codebook_loss`` and ``codebooks_used`` (B,) (see ``Quantizer.forward``, also for
+        ``bypass_quantizer``).
         """
         length = wav.shape[-1]
-        out = self.quantizer(self.encoder(self._padded_batch(wav)))
+        out = self.quantizer(self.encoder(self._padded_batch(wav)), bypass=bypass_quantizer)
         out["audio"] = self.decoder(out.pop("latent"))[..., :length]
         return out
 

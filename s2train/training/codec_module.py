@@ -111,7 +111,13 @@ class CodecModule(L.LightningModule):
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         schedulers = self.lr_schedulers()
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        out = self.codec(wav)
+        # During the learning-rate warm-up the decoder gets the encoder's latent unquantised: codebooks
+        # drawn from a young encoder's near-constant output collapse to a code or two, and then nothing
+        # reaches the decoder. At the end of the warm-up the codebooks start from the trained encoder's
+        # outputs (init_from_recent below).
+        # (at most half the run: a short run must still train its codebooks)
+        vq_start = max(1, min(self.train_cfg.warmup_steps, self.train_cfg.max_steps // 2))
+        out = self.codec(wav, bypass_quantizer=self.step < vq_start)
         recon = out["audio"]  # (B, 1, T)
         logs: dict[str, Tensor] = {}
         if self.discriminator is not None:
@@ -143,11 +149,11 @@ class CodecModule(L.LightningModule):
         self.log("lr", schedulers[0].get_last_lr()[0], on_step=True, on_epoch=False)
         done = self.step
         every = self.train_cfg.dead_code_every
-        if done == 1:
-            # Data-dependent init (centred z_e, codebook rows drawn from the first batch): without it one
+        if done == vq_start:
+            # Data-dependent init (centred z_e, codebook rows drawn from the recent batches): without it one
             # code wins every frame and the quantizer collapses to perplexity 1 within a few steps.
             self.codec.quantizer.init_from_recent()
-        elif every and done % every == 0:
+        elif every and done % every == 0 and done > vq_start:
             self.log("vq/restarted", float(self.codec.restart_dead_codes()), on_step=True, on_epoch=False)
         if self.train_cfg.preview_every and done % self.train_cfg.preview_every == 0:
             self.log("heldout/mel", self.write_previews(done), on_step=True, on_epoch=False)
