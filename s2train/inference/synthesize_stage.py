@@ -333,9 +333,7 @@ def run(cfg: S2Config, manifest: str = "manifest.jsonl") -> dict:
     bar.close()
 
     rows = [json.loads((wav_dir / f"{u.id}.json").read_text(encoding="utf-8")) for u in utterances]
-    write_text_atomic(
-        run_dir / manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    )
+    write_text_atomic(run_dir / manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return {
         "utterances": len(utterances),
         "synthesized": len(todo),
