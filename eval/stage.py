@@ -134,7 +134,8 @@ def read_16k(path: Path) -> np.ndarray:
 
 
 class Judges:
-    """The ASR, SIM and DNSMOS models of one evaluation, loaded once."""
+    """The ASR, SIM and DNSMOS models of one evaluation. Their paths are checked when it is made (before
+    any generation), the models are loaded once, on first use (a finished run loads none)."""
 
     def __init__(self, cfg: S2Config):
         e = cfg.eval
@@ -148,8 +149,14 @@ class Judges:
         self.dnsmos_on = e.dnsmos
         self.hop_s = cfg.judges.quality.dnsmos_hop_s
         self.onnx_threads = cfg.judges.quality.onnx_threads
-        self._asr = self._build_asr(cfg)
-        self._sim = self._build_sim(cfg)
+        self._make_asr = self._build_asr(cfg)
+        self._make_sim = self._build_sim(cfg)
+        self._loaded: dict[str, object] = {}
+
+    def _model(self, kind: str):
+        if kind not in self._loaded:
+            self._loaded[kind] = (self._make_asr if kind == "asr" else self._make_sim)()
+        return self._loaded[kind]
 
     # ASR
     def _build_asr(self, cfg: S2Config):
@@ -160,49 +167,56 @@ class Judges:
             from s2train.judges.asr import PocketSphinxASR
 
             self.asr_name = "pocketsphinx en-us (offline demo judge)"
-            return PocketSphinxASR(ASRConfig())
+            return lambda: PocketSphinxASR(ASRConfig())
         if self.asr_kind == "paraformer":
             from s2train.judges.asr import ParaformerASR
 
+            if not e.paraformer or not Path(e.paraformer).is_dir():
+                raise ValueError(
+                    f"eval.paraformer must be a local paraformer-zh folder; got {e.paraformer!r}"
+                )
             self.asr_name = "paraformer-zh (funasr, no VAD or punctuation model)"
-            return ParaformerASR(e.paraformer, self.device)
+            return lambda: ParaformerASR(e.paraformer, self.device)
         from s2train.judges.asr import WhisperASR
 
         checkpoint = e.whisper or cfg.judges.asr.whisper.checkpoint
-        model = WhisperASR(
-            ASRConfig(backend="whisper", whisper=WhisperConfig(checkpoint=checkpoint)), self.device
-        )
+        if not checkpoint or not Path(checkpoint).is_file():
+            raise ValueError(
+                "eval.whisper must be a local openai-whisper checkpoint file (e.g. /models/whisper/large-v3.pt); "
+                f"got {checkpoint!r}. Hub names are not downloaded."
+            )
+        asr = ASRConfig(backend="whisper", whisper=WhisperConfig(checkpoint=checkpoint))
         decoding = f"beam {self.beam_size}" if self.beam_size else "greedy"
         self.asr_name = (
             f"whisper {Path(checkpoint).stem} (openai-whisper, {decoding}, no timestamps, 30 s, fp32)"
         )
-        return model
+        return lambda: WhisperASR(asr, self.device)
 
     def transcribe(self, path: Path) -> str:
+        model = self._model("asr")
         if self.asr_kind == "paraformer":
-            return self._asr([path])[0]
+            return model([path])[0]
         wav = read_for_asr(path)
         if self.asr_kind == "pocketsphinx":
-            return self._asr([wav.astype(np.float32)], ["en"])[0].text
-        return self._asr.transcribe_window(wav, "en" if self.lang == "en" else "zh", self.beam_size)
+            return model([wav.astype(np.float32)], ["en"])[0].text
+        return model.transcribe_window(wav, "en" if self.lang == "en" else "zh", self.beam_size)
 
     # SIM
     def _build_sim(self, cfg: S2Config):
         e = cfg.eval
         if self.sim_kind == "none":
             self.sim_name = None
-            return None
+            return lambda: None
         if self.sim_kind == "wavlm_ecapa":
             from s2train.judges.sim_wavlm import WavLMEcapaSim
 
-            if not e.sim_checkpoint:
+            if not e.sim_checkpoint or not Path(e.sim_checkpoint).is_file():
                 raise ValueError(
                     "eval.sim_checkpoint must be UniSpeech's wavlm_large_finetune.pth (a local file) for the "
                     "official SIM; or choose eval.sim=resemblyzer|speechbrain|none"
                 )
-            model = WavLMEcapaSim(e.sim_checkpoint, self.device)
-            self.sim_name = model.name
-            return model
+            self.sim_name = WavLMEcapaSim.name
+            return lambda: WavLMEcapaSim(e.sim_checkpoint, self.device)
         from s2train.judges.speaker import build_embedder
 
         speaker = dataclasses.replace(
@@ -211,18 +225,21 @@ class Judges:
             checkpoint=e.speechbrain or cfg.judges.speaker.checkpoint,
         )
         self.sim_name = "resemblyzer GE2E" if self.sim_kind == "resemblyzer" else "speechbrain ECAPA-TDNN"
-        return build_embedder(speaker, self.device)
+        if self.sim_kind == "speechbrain" and not (speaker.checkpoint and Path(speaker.checkpoint).is_dir()):
+            raise ValueError(f"eval.speechbrain must be a local ECAPA folder; got {speaker.checkpoint!r}")
+        return lambda: build_embedder(speaker, self.device)
 
     def similarity(self, generated: Path, prompt: Path) -> float | None:
-        if self._sim is None:
+        model = self._model("sim")
+        if model is None:
             return None
         if self.sim_kind == "wavlm_ecapa":
             from s2train.judges.sim_wavlm import load_audio_like_upstream
 
             return float(
-                self._sim.similarity(*load_audio_like_upstream(generated), *load_audio_like_upstream(prompt))
+                model.similarity(*load_audio_like_upstream(generated), *load_audio_like_upstream(prompt))
             )
-        a, b = self._sim.embed([read_16k(generated)]), self._sim.embed([read_16k(prompt)])
+        a, b = model.embed([read_16k(generated)]), model.embed([read_16k(prompt)])
         return float(np.dot(a[0], b[0]) / (np.linalg.norm(a[0]) * np.linalg.norm(b[0])))
 
     def dnsmos(self, path: Path) -> dict:
@@ -360,6 +377,7 @@ def run_seedtts(cfg: S2Config) -> dict:
         items = items[: e.limit]
     run_dir = Path(cfg.run_dir)
     share = _partition(cfg, items)
+    judges = Judges(cfg)  # its paths are checked before any generation
     if e.gen_dir:
         gen_dir = Path(e.gen_dir).expanduser()
         if not gen_dir.is_dir():
@@ -370,7 +388,6 @@ def run_seedtts(cfg: S2Config) -> dict:
         system = f"s2train ({Path(cfg.synthesize.model or Path(cfg.run_root) / cfg.name / 'pretrain').name})"
 
     rules = rules_for(e.profile)
-    judges = Judges(cfg)
     parts = run_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     part_file = parts / f"part-{cfg.data.partition:05d}.jsonl"
