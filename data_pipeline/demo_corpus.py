@@ -313,10 +313,19 @@ def write_seedtts_set(out: Path, sample_rate: int) -> Path:
     prompt and two held-out sentences (``sentences/en_eval.txt``) as the ground truth of two utterances;
     lines are ``utt|prompt_text|prompt-wavs/<voice>.wav|target_text|wavs/<utt>.wav``."""
     meta = out / "meta.lst"
-    if meta.is_file():
-        return meta
     targets = sentences("en_eval")
     prompts = sentences("en")
+    stamp = hashlib.sha256(json.dumps([targets, prompts, SEEDTTS_VOICES, sample_rate]).encode()).hexdigest()[
+        :16
+    ]
+    if (
+        meta.is_file()
+        and (out / "fingerprint.txt").is_file()
+        and (out / "fingerprint.txt").read_text() == stamp
+    ):
+        return meta
+    if out.exists():
+        shutil.rmtree(out)
     (out / "prompt-wavs").mkdir(parents=True, exist_ok=True)
     (out / "wavs").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -330,6 +339,7 @@ def write_seedtts_set(out: Path, sample_rate: int) -> Path:
             target = targets[(2 * v + t) % len(targets)]
             sf.write(out / "wavs" / f"{utt}.wav", synthesize(voice, target, sample_rate), sample_rate)
             lines.append(f"{utt}|{prompt_text}|prompt-wavs/{voice}.wav|{target}|wavs/{utt}.wav")
+    write_text_atomic(out / "fingerprint.txt", stamp)
     write_text_atomic(meta, "\n".join(lines) + "\n")  # last: its presence means the set is whole
     return meta
 
