@@ -39,7 +39,7 @@ from eval import report, seedtts
 from eval.meta import MetaItem, present, read_meta
 from s2train.audio import resample
 from s2train.config import ASRConfig, S2Config, WhisperConfig
-from s2train.runs import write_json_atomic, write_text_atomic
+from s2train.runs import jsonl_lines, write_json_atomic, write_text_atomic
 
 JUDGE_RATE = 16000
 GENERATED, GROUND_TRUTH = "generated", "ground_truth"
@@ -60,14 +60,7 @@ def read_transcripts(path: Path) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"eval.input={path} is not a file (JSONL of utt, lang, ref, hyp)")
     rows, seen = [], set()
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path.name} line {line_no}"
-        try:
-            row = json.loads(line)
-        except ValueError as error:
-            raise ValueError(f"{where} is not JSON: {error}") from error
+    for _, where, row in jsonl_lines(path):
         if not isinstance(row, dict) or not all(
             isinstance(row.get(k), str) for k in ("utt", "lang", "ref", "hyp")
         ):

@@ -115,3 +115,16 @@ def checkpoint_step(path: Path) -> int:
     import torch
 
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, where, value)`` for each non-blank line of a user's JSONL file, ``where`` naming the file and
+    line for error messages; a line that is not JSON is refused with that name."""
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{Path(path).name} line {line_no}"
+        try:
+            yield line_no, where, json.loads(line)
+        except ValueError as error:
+            raise ValueError(f"{where} is not JSON: {error}") from error

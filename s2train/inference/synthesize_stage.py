@@ -53,7 +53,7 @@ from s2train.config import S2Config
 from s2train.inference.engine import Generation, InferenceEngine, Request, speech_request
 from s2train.models.codec import Codec
 from s2train.models.dual_ar import DualAR, DualARConfig
-from s2train.runs import atomic_path, write_json_atomic, write_text_atomic
+from s2train.runs import atomic_path, jsonl_lines, write_json_atomic, write_text_atomic
 from s2train.text.prompt import Reference
 from s2train.text.tokenizer import SPEAKER_TAG, HFTokenizer, TextTokenizer, load_tokenizer, speaker_token
 
@@ -136,14 +136,7 @@ def resolve_reference(name: str, base: Path, allowed: list[Path], request_id: st
 def read_jsonl_requests(path: Path, allowed: list[Path]) -> list[Utterance]:
     """The requests of a JSONL file; reference clips resolved against its folder and checked."""
     out = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path.name} line {line_no}"
-        try:
-            row = json.loads(line)
-        except ValueError as error:
-            raise ValueError(f"{where} is not JSON: {error}") from error
+    for line_no, where, row in jsonl_lines(path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
             raise ValueError(f'{where} needs a non-empty "text"')
         unknown = set(row) - REQUEST_KEYS
