@@ -63,6 +63,7 @@ def random_codes(cfg: CodecConfig, batch: int, frames: int) -> torch.Tensor:
         ({"encoder_transformer_layers": [0, 1]}, "one entry per encoder rate"),
         ({"quantizer_dropout": 1.5}, "between 0 and 1"),
         ({"decoder_dim": 60}, "divisible"),
+        ({"encoder_type": "wav2vec"}, "conv or mel"),
     ],
 )
 def test_config_rejects_inconsistent_sizes(change, words):
@@ -91,6 +92,29 @@ def test_tiny_round_trip_shapes_and_dtypes():
     assert codec.decode(codes[0]).shape == (1, 1, frames * codec.samples_per_frame)
     out = codec(wav)
     assert out["audio"].shape == wav.shape and torch.equal(out["codes"], codes)
+
+
+def test_mel_encoder_round_trip_and_log_mel_front_end():
+    codec = make_tiny(encoder_type="mel", encoder_mels=40)
+    cfg = codec.config
+    assert not any(name.startswith("encoder.blocks") for name, _ in codec.named_parameters())
+    wav = sines(2, 3 * cfg.samples_per_frame - 100, cfg.sample_rate)
+    codes = codec.encode(wav, cfg.sample_rate)
+    assert codes.shape == (2, cfg.n_codebooks, 3)
+    assert codec.decode(codes).shape == (2, 1, 3 * cfg.samples_per_frame)
+    # One log-mel frame per hop, from the window that ends with that hop: a tone's energy sits in the
+    # band of its pitch, and silence before the tone stays at the floor.
+    hop = cfg.hop_length
+    tone = torch.zeros(1, 1, 16 * hop)
+    t = torch.arange(8 * hop) / cfg.sample_rate
+    tone[..., 8 * hop :] = 0.5 * torch.sin(2 * math.pi * 1000.0 * t)
+    mel = codec.encoder.log_mel(tone)  # (1, M, 16)
+    assert mel.shape == (1, 40, 16)
+    assert torch.allclose(mel[..., :8], torch.tensor(-5.0))
+    band = int(mel[0, :, 12].argmax())
+    centres = torch.linspace(0, cfg.sample_rate / 2, codec.encoder.n_fft // 2 + 1) @ codec.encoder.fbank.T
+    centres = centres / codec.encoder.fbank.sum(-1)  # each band's mean frequency
+    assert abs(float(centres[band]) - 1000.0) < 200.0
 
 
 def test_encode_and_decode_reject_bad_input():
@@ -276,8 +300,9 @@ def first_dependency(output_at: int, grad: torch.Tensor) -> tuple[float, float]:
     return grad[..., :output_at].abs().sum().item(), grad[..., output_at:].abs().sum().item()
 
 
-def test_encoder_is_causal_by_gradient():
-    codec = make_tiny()
+@pytest.mark.parametrize("encoder_type", ["conv", "mel"])
+def test_encoder_is_causal_by_gradient(encoder_type):
+    codec = make_tiny(encoder_type=encoder_type)
     hop, frame = codec.config.hop_length, codec.samples_per_frame
     wav = (torch.randn(1, 1, 8 * frame) * 0.3).requires_grad_()
     latent = codec.encoder(wav)  # (1, D, 8 * frame / hop)

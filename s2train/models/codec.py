@@ -63,6 +63,10 @@ class CodecConfig:
     transformer_window: int  # frames each position attends to, itself included
     encoder_transformer_head_dim: int = 64  # encoder transformers: heads = dim // this, FFN = 3 * dim
     decoder_type: str = "conv"  # conv: DAC's upsampling decoder (released); istft: spectra at the hop rate
+    encoder_type: str = (
+        "conv"  # conv: DAC's strided encoder (released); mel: log-mel front end at the hop rate
+    )
+    encoder_mels: int = 80  # mel encoder: mel bands of its causal STFT (window 4 * hop)
     istft_dim: int = 256  # istft decoder: ConvNeXt width at the hop rate
     istft_layers: int = 4  # istft decoder: ConvNeXt blocks
     istft_phase_advance: bool = False  # istft decoder: turn bin k by pi * k per hop (see IStftDecoder)
@@ -117,6 +121,11 @@ class CodecConfig:
             self.decoder_type in ("conv", "istft"),
             f"codec decoder_type must be conv or istft, not {self.decoder_type!r}",
         )
+        check(
+            self.encoder_type in ("conv", "mel"),
+            f"codec encoder_type must be conv or mel, not {self.encoder_type!r}",
+        )
+        check(self.encoder_mels >= 1, f"codec encoder_mels must be at least 1, not {self.encoder_mels}")
         check(
             self.istft_dim >= 1 and self.istft_layers >= 0, "codec istft_dim must be >= 1, istft_layers >= 0"
         )
@@ -373,6 +382,51 @@ class Encoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.conv_out(self.act_out(x))  # (B, D, T / hop)
+
+
+class MelEncoder(nn.Module):
+    """(B, 1, T samples) -> (B, D, T / hop) through a fixed log-mel front end.
+
+    A causal STFT (periodic Hann window of 4 * hop samples ending where each hop ends) and a Slaney mel
+    filterbank give log-mel frames at the hop rate; a weight-normed conv, residual units with Snake
+    (dilations 1, 3, 9) and a closing conv map them to the latent. Nothing runs at the audio rate, so a
+    CPU trains it many times faster than the strided encoder; the demo uses it
+    (``encoder_type=mel``), the released S2 Pro codec the strided one.
+    """
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        from torchaudio.functional import melscale_fbanks
+
+        self.hop = cfg.hop_length
+        self.n_fft = 4 * self.hop
+        self.register_buffer("window", torch.hann_window(self.n_fft, periodic=True), persistent=False)
+        fbank = melscale_fbanks(
+            self.n_fft // 2 + 1, 0.0, cfg.sample_rate / 2, cfg.encoder_mels, cfg.sample_rate, norm="slaney"
+        )
+        self.register_buffer("fbank", fbank.T.contiguous(), persistent=False)  # (M, F)
+        dim = cfg.latent_dim
+        self.conv_in = CausalConv1d(cfg.encoder_mels, dim, 7)
+        self.res_units = nn.ModuleList(ResidualUnit(dim, d) for d in (1, 3, 9))
+        self.act_out = Snake(dim)
+        self.conv_out = CausalConv1d(dim, dim, 3)
+
+    def log_mel(self, wav: Tensor) -> Tensor:
+        """(B, 1, T samples), T a multiple of hop -> log10 mel magnitudes (B, M, T / hop), floor -5."""
+        padded = F.pad(wav[:, 0].float(), (self.n_fft - self.hop, 0))  # frame t ends at hop t's end
+        spec = torch.stft(
+            padded, self.n_fft, self.hop, window=self.window, center=False, return_complex=True
+        )  # (B, F, T / hop)
+        return (self.fbank @ spec.abs()).clamp(min=1e-5).log10()
+
+    def forward(self, wav: Tensor) -> Tensor:
+        # Silence (-5) to loud speech (about 0) mapped to about -1 .. 1: Snake's period is about 3 at
+        # alpha 1, so inputs many times larger make its output and gradients erratic.
+        features = (self.log_mel(wav) + 2.5) / 2.5
+        x = self.conv_in(features.to(wav.dtype))  # (B, D, T / hop)
+        for unit in self.res_units:
+            x = unit(x)
+        return self.conv_out(self.act_out(x))
 
 
 class DecoderBlock(nn.Module):
@@ -873,7 +927,7 @@ class Codec(nn.Module):
     def __init__(self, config: CodecConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
+        self.encoder = MelEncoder(config) if config.encoder_type == "mel" else Encoder(config)
         self.quantizer = Quantizer(config)
         self.decoder = IStftDecoder(config) if config.decoder_type == "istft" else Decoder(config)
 
