@@ -355,7 +355,8 @@ class InferenceEngine:
         weight = slow.embeddings.weight if slow.output is None else slow.output.weight
         semantic = F.linear(hidden_ND, weight[cfg.semantic_begin_id : cfg.semantic_end_id + 1])
         end = F.linear(hidden_ND, weight[vocab.im_end_id : vocab.im_end_id + 1])
-        return torch.cat([end, semantic] if vocab.end_index == 0 else [semantic, end], dim=-1).float()
+        logits = torch.cat([end, semantic] if vocab.end_index == 0 else [semantic, end], dim=-1)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def _join(self, batch: _Batch, index: int, request: Request) -> None:
         """Run ``request``'s prompt into the next free row (its prefix from the prefix cache if held)."""

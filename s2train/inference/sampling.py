@@ -370,7 +370,7 @@ class RowSampler:
     ) -> tuple[Tensor, Tensor | None]:
         """Index among the allowed tokens (N,) and its log-probability (N,) from logits (N, A) (None
         without ``logprobs``)."""
-        logits = logits_NA.float()
+        logits = logits_NA if logits_NA.dtype == torch.float32 else logits_NA.float()
         index = self._draw(self._cut(logits, self.top_p, self.top_k), self.temperature, self.divisor, noise)
         seen = (self.history == index[:, None]) & self.ras_slots  # (N, 64): the token among the last ones
         if not self.eager or bool(seen.any()):  # eager: no redraw when nothing repeats
@@ -383,7 +383,7 @@ class RowSampler:
 
     def fast(self, logits_NC: Tensor, noise: Tensor) -> tuple[Tensor, Tensor | None]:
         """A code (N,) and its log-probability (N,) from fast logits (N, C) (None without ``logprobs``)."""
-        logits = logits_NC.float()
+        logits = logits_NC if logits_NC.dtype == torch.float32 else logits_NC.float()
         cut = self._cut(logits, self.fast_top_p, self.fast_top_k)
         code = self._draw(cut, self.fast_temperature, self.fast_divisor, noise)
         return code, self._log_prob(logits, self.fast_temperature, code)
