@@ -267,32 +267,40 @@ def test_streaming_decode_equals_one_shot():
             torch.testing.assert_close(torch.cat(chunks, dim=-1), whole, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("window", [2, 4])
 @pytest.mark.parametrize("phase_advance", [False, True])
-def test_istft_decoder_streams_one_hop_behind_and_equals_one_shot(phase_advance):
+def test_istft_decoder_streams_window_hops_behind_and_equals_one_shot(phase_advance, window):
     torch.manual_seed(0)
     config = dataclasses.replace(
-        tiny(), decoder_type="istft", istft_dim=32, istft_layers=2, istft_phase_advance=phase_advance
+        tiny(),
+        decoder_type="istft",
+        istft_dim=32,
+        istft_layers=2,
+        istft_phase_advance=phase_advance,
+        istft_window=window,
     )
     codec = Codec(config).eval()
     assert not any(isinstance(m, nn.ConvTranspose1d) for m in codec.decoder.modules())
     codes = random_codes(config, 2, 17)
-    hop = config.hop_length
+    hop, held = config.hop_length, (window - 1) * config.hop_length
     with torch.inference_mode():
         whole = codec.decode(codes)
         assert whole.shape == (2, 1, 17 * codec.samples_per_frame)
-        for sizes in ([1, 2, 5, 9], [17], [3] * 5 + [2]):
+        assert whole.abs().max() > 0
+        for sizes in ([1, 2, 5, 9], [17], [3] * 5 + [2], [1] * 17):
             stream = codec.stream_decoder()
             bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
             chunks = [stream.push(codes[..., a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-            assert chunks[0].shape[-1] == sizes[0] * codec.samples_per_frame - hop  # a hop held back
+            assert chunks[0].shape[-1] == max(0, sizes[0] * codec.samples_per_frame - held)  # held back
             tail = stream.flush()
-            assert tail.shape == (2, 1, hop) and stream.flush() is None
+            assert tail.shape == (2, 1, held) and stream.flush() is None
             torch.testing.assert_close(torch.cat([*chunks, tail], dim=-1), whole, atol=1e-5, rtol=0)
-    # causal but for the one hop of overlap: output sample s depends on no code frame after s's frame + 1
+    # causal but for the window's overlap: the samples of hop h depend on no latent after h + W - 1
     latent = torch.randn(1, config.latent_dim, 12, requires_grad=True)
     audio = codec.decoder(latent)
     audio[..., : 5 * hop].sum().backward()
-    assert latent.grad[..., 6:].abs().sum() == 0 and latent.grad[..., 5].abs().sum() > 0
+    last = 4 + window - 1
+    assert latent.grad[..., last + 1 :].abs().sum() == 0 and latent.grad[..., last].abs().sum() > 0
 
 
 def first_dependency(output_at: int, grad: torch.Tensor) -> tuple[float, float]:

@@ -14,6 +14,10 @@ How audio flows (every convolution and every attention is causal, so the codec s
       -> Quantizer.decode: sum of code lookups, post transformer, upsampling stages  (B, D, T / hop)
       -> Decoder: conv, DecoderBlocks (transposed conv, residual units), conv, tanh  (B, 1, T samples)
 
+Cheaper stand-ins for small budgets (the CPU demo), each a config switch: ``encoder_type=mel``
+(``MelEncoder``: causal log-mel frames at the hop rate, then convs) and ``decoder_type=istft``
+(``IStftDecoder``: spectra at the hop rate, inverse FFT, overlap-add).
+
 A frame is ``hop * prod(downsample_factors)`` samples: 2048 at 44.1 kHz (21.5 Hz) for S2 Pro.
 ``s2train.compat.fish_codec`` loads the released weights into these modules; the quirks it needs
 (bf16-rounded RoPE table, cosine code choice with raw-row decode, clamped codes) are the behaviour here.
@@ -69,7 +73,8 @@ class CodecConfig:
     encoder_mels: int = 80  # mel encoder: mel bands of its causal STFT (window 4 * hop)
     istft_dim: int = 256  # istft decoder: ConvNeXt width at the hop rate
     istft_layers: int = 4  # istft decoder: ConvNeXt blocks
-    istft_phase_advance: bool = False  # istft decoder: turn bin k by pi * k per hop (see IStftDecoder)
+    istft_phase_advance: bool = False  # istft decoder: turn bin k by 2 pi k / istft_window per hop
+    istft_window: int = 2  # istft decoder: each frame's window in hops (2: 50% overlap, 4: 75%)
     encoder_transformer_window: int = 512
     rope_base: float = 10000.0
     norm_eps: float = 1e-5  # every transformer RMSNorm
@@ -129,6 +134,7 @@ class CodecConfig:
         check(
             self.istft_dim >= 1 and self.istft_layers >= 0, "codec istft_dim must be >= 1, istft_layers >= 0"
         )
+        check(self.istft_window >= 2, f"codec istft_window must be at least 2 hops, not {self.istft_window}")
         check(self.n_residual_codebooks >= 1, "codec n_residual_codebooks must be at least 1")
         check(self.codebook_dim >= 1, "codec codebook_dim must be at least 1")
         check(0.0 <= self.quantizer_dropout <= 1.0, "codec quantizer_dropout must be between 0 and 1")
@@ -632,64 +638,83 @@ class IStftDecoder(nn.Module):
     """(B, D, T / hop) -> (B, 1, T samples) without a layer at the audio rate (Vocos-style).
 
     ConvNeXt blocks at the hop rate predict, for every hop t, the log-magnitude and phase of a window of
-    2 * hop samples that ends where hop t ends; an inverse FFT, a periodic Hann window and overlap-add
-    (the windows sum to one) give the waveform. Hop t's samples are the second half of frame t plus the
-    first half of frame t + 1, so a stream releases each hop one frame later and ``flush`` gives the
-    last one; one-shot decoding leaves frame T's (absent) half out the same way.
+    W = ``istft_window`` hops that ends where hop t ends; an inverse FFT, a periodic Hann window and
+    overlap-add (divided by W / 2, what the windows sum to) give the waveform. Hop t's samples come from
+    frames t .. t + W - 1, so a stream releases each hop W - 1 frames later and ``flush`` gives the last
+    W - 1 hops; one-shot decoding leaves the (absent) frames after T out the same way.
 
-    Far cheaper than the upsampling decoder on a CPU, and it learns intelligible speech in minutes,
-    which the demo needs; the released S2 Pro codec uses ``decoder_type=conv``.
+    A longer window resolves a low voice's harmonics (W = 4 at a 10 ms hop: 25 Hz bins); W = 2 keeps the
+    latency to one hop. Far cheaper than the upsampling decoder on a CPU, and it learns intelligible
+    speech in minutes, which the demo needs; the released S2 Pro codec uses ``decoder_type=conv``.
     """
 
     def __init__(self, cfg: CodecConfig):
         super().__init__()
-        self.hop = cfg.hop_length
+        self.hop, self.hops = cfg.hop_length, cfg.istft_window
+        self.n_fft = self.hops * self.hop
         self.conv_in = CausalConv1d(cfg.latent_dim, cfg.istft_dim, 7)
         scale = 1.0 / max(1, cfg.istft_layers)
         self.blocks = nn.ModuleList(ConvNeXtBlock(cfg.istft_dim, scale) for _ in range(cfg.istft_layers))
         self.norm = nn.LayerNorm(cfg.istft_dim, eps=1e-6)
-        self.head = nn.Linear(cfg.istft_dim, 2 * (self.hop + 1))  # log-magnitude and phase of hop + 1 bins
-        self.register_buffer("window", torch.hann_window(2 * self.hop, periodic=True), persistent=False)
+        bins = self.n_fft // 2 + 1
+        self.head = nn.Linear(cfg.istft_dim, 2 * bins)  # log-magnitude and phase of every bin
+        window = torch.hann_window(self.n_fft, periodic=True) / (self.hops / 2)  # overlap-add sums to 1
+        self.register_buffer("window", window, persistent=False)
         self.phase_advance = cfg.istft_phase_advance
 
     def frames(self, latent: Tensor, state: StreamState | None = None) -> Tensor:
-        """(B, D, T) -> windowed frames (B, T, 2 * hop)."""
+        """(B, D, T) -> windowed frames (B, T, W * hop)."""
         x = self.conv_in(latent, state)
         for block in self.blocks:
             x = block(x, state)
-        x = self.head(self.norm(x.transpose(1, 2)))  # (B, T, 2 * (hop + 1))
+        x = self.head(self.norm(x.transpose(1, 2)))  # (B, T, 2 * bins)
         log_magnitude, phase = x.float().chunk(2, dim=-1)
         if self.phase_advance:
-            # A steady sinusoid at bin k's centre advances pi * k per hop. The layers above are the same at
-            # every hop, so without this a steady input makes the same frame every hop: a buzz at the hop
-            # rate's harmonics (odd bins cancel). With it, a steady output is a steady sum of bin centres.
+            # A steady sinusoid at bin k's centre advances 2 pi k / W per hop. The layers above are the
+            # same at every hop, so without this a steady input makes the same frame every hop: a buzz at
+            # the hop rate's harmonics. With it, a steady output is a steady sum of bin centres.
             start = 0 if state is None else state.get(self.head, 0)  # hops decoded before (head: the key)
             if state is not None:
                 state[self.head] = start + x.shape[1]
             t = torch.arange(start, start + x.shape[1], device=x.device)  # (T,)
-            k = torch.arange(self.hop + 1, device=x.device)  # (hop + 1,)
-            phase = phase + math.pi * ((t[:, None] * k[None, :]) % 2)  # (T, hop + 1), broadcast over B
-        spectrum = torch.polar(log_magnitude.clamp(max=8.0).exp(), phase)  # (B, T, hop + 1)
-        return torch.fft.irfft(spectrum, n=2 * self.hop) * self.window  # (B, T, 2 * hop)
+            k = torch.arange(log_magnitude.shape[-1], device=x.device)  # (bins,)
+            turns = (t[:, None] * k[None, :]) % self.hops  # (T, bins), broadcast over B
+            phase = phase + (2 * math.pi / self.hops) * turns
+        spectrum = torch.polar(log_magnitude.clamp(max=8.0).exp(), phase)  # (B, T, bins)
+        return torch.fft.irfft(spectrum, n=self.n_fft) * self.window  # (B, T, W * hop)
+
+    def overlap_add(self, frames: Tensor) -> Tensor:
+        """(B, T, W * hop) -> (B, (T + W - 1) * hop): frame t's window starts at hop t."""
+        B, T, _ = frames.shape
+        folded = F.fold(
+            frames.transpose(1, 2),  # (B, W * hop, T)
+            output_size=(1, (T + self.hops - 1) * self.hop),
+            kernel_size=(1, self.n_fft),
+            stride=(1, self.hop),
+        )
+        return folded.view(B, -1)
 
     def forward(self, latent: Tensor, state: StreamState | None = None) -> Tensor:
         frames = self.frames(latent, state)
-        first, second = frames[..., : self.hop], frames[..., self.hop :]  # (B, T, hop) each
+        lead = (self.hops - 1) * self.hop  # frame 0 starts W - 1 hops before hop 0
+        summed = self.overlap_add(frames)  # (B, (T + W - 1) * hop)
         if state is None:
-            hops = second + F.pad(first[:, 1:], (0, 0, 0, 1))  # the last hop has no next frame
-        else:
-            pending = state.get(self)  # (B, 1, hop): the previous chunk's last second half
-            if pending is None:
-                hops = second[:, :-1] + first[:, 1:]  # frame 0's first half lies before the stream
-            else:
-                hops = torch.cat([pending, second[:, :-1]], dim=1) + first
-            state[self] = second[:, -1:]
-        return hops.flatten(1)[:, None].to(latent.dtype)  # (B, 1, hops * hop)
+            return summed[:, None, lead:].to(latent.dtype)  # the last W - 1 hops lack their later frames
+        # Streaming: ``pending`` holds the partial sums of the next W - 1 hops, ``skip`` the samples of
+        # the stream's first frames that lie before hop 0 and are never released.
+        carry = state.get(self) or {"pending": summed.new_zeros(summed.shape[0], lead), "skip": lead}
+        summed = torch.cat([summed[:, :lead] + carry["pending"], summed[:, lead:]], dim=1)
+        cut = summed.shape[1] - lead
+        out, carry["pending"] = summed[:, :cut], summed[:, cut:]
+        dropped = min(carry["skip"], cut)
+        carry["skip"] -= dropped
+        state[self] = carry
+        return out[:, None, dropped:].to(latent.dtype)  # (B, 1, released samples)
 
     def flush(self, state: StreamState) -> Tensor | None:
-        """The last hop of a stream (B, 1, hop), or None when nothing is pending."""
-        pending = state.pop(self, None)
-        return None if pending is None else pending.flatten(1)[:, None]
+        """The last W - 1 hops of a stream (B, 1, (W - 1) * hop), or None when nothing is pending."""
+        carry = state.pop(self, None)
+        return None if carry is None else carry["pending"][:, None, carry["skip"] :]
 
 
 class DownsampleStage(nn.Module):
