@@ -67,9 +67,7 @@ class CodecConfig:
     transformer_window: int  # frames each position attends to, itself included
     encoder_transformer_head_dim: int = 64  # encoder transformers: heads = dim // this, FFN = 3 * dim
     decoder_type: str = "conv"  # conv: DAC's upsampling decoder (released); istft: spectra at the hop rate
-    encoder_type: str = (
-        "conv"  # conv: DAC's strided encoder (released); mel: log-mel front end at the hop rate
-    )
+    encoder_type: str = "conv"  # conv: DAC's strided encoder (released); mel: MelEncoder (log-mel)
     encoder_mels: int = 80  # mel encoder: mel bands of its causal STFT (window 4 * hop)
     istft_dim: int = 256  # istft decoder: ConvNeXt width at the hop rate
     istft_layers: int = 4  # istft decoder: ConvNeXt blocks
