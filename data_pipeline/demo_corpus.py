@@ -315,14 +315,10 @@ def write_seedtts_set(out: Path, sample_rate: int) -> Path:
     meta = out / "meta.lst"
     targets = sentences("en_eval")
     prompts = sentences("en")
-    stamp = hashlib.sha256(json.dumps([targets, prompts, SEEDTTS_VOICES, sample_rate]).encode()).hexdigest()[
-        :16
-    ]
-    if (
-        meta.is_file()
-        and (out / "fingerprint.txt").is_file()
-        and (out / "fingerprint.txt").read_text() == stamp
-    ):
+    inputs = json.dumps([targets, prompts, SEEDTTS_VOICES, sample_rate]).encode()
+    stamp = hashlib.sha256(inputs).hexdigest()[:16]
+    fingerprint = out / "fingerprint.txt"
+    if meta.is_file() and fingerprint.is_file() and fingerprint.read_text() == stamp:
         return meta
     if out.exists():
         shutil.rmtree(out)
@@ -339,7 +335,7 @@ def write_seedtts_set(out: Path, sample_rate: int) -> Path:
             target = targets[(2 * v + t) % len(targets)]
             sf.write(out / "wavs" / f"{utt}.wav", synthesize(voice, target, sample_rate), sample_rate)
             lines.append(f"{utt}|{prompt_text}|prompt-wavs/{voice}.wav|{target}|wavs/{utt}.wav")
-    write_text_atomic(out / "fingerprint.txt", stamp)
+    write_text_atomic(fingerprint, stamp)
     write_text_atomic(meta, "\n".join(lines) + "\n")  # last: its presence means the set is whole
     return meta
 

@@ -142,13 +142,13 @@ class Judges:
         self.dnsmos_on = e.dnsmos
         self.hop_s = cfg.judges.quality.dnsmos_hop_s
         self.onnx_threads = cfg.judges.quality.onnx_threads
-        self._make_asr = self._build_asr(cfg)
-        self._make_sim = self._build_sim(cfg)
+        self._factories = {"asr": self._build_asr(cfg), "sim": self._build_sim(cfg)}
         self._loaded: dict[str, object] = {}
 
     def _model(self, kind: str):
+        """The "asr" or "sim" model, made on first use."""
         if kind not in self._loaded:
-            self._loaded[kind] = (self._make_asr if kind == "asr" else self._make_sim)()
+            self._loaded[kind] = self._factories[kind]()
         return self._loaded[kind]
 
     # ASR
