@@ -223,7 +223,52 @@ def bench_cpu_preset(name: str, args) -> dict:
     row["ratio_frames_per_s"] = {
         str(b): round(v["frames_per_s"] / row["naive"]["frames_per_s"], 2) for b, v in ours.items()
     }
+    if name in args.compile_presets:
+        compiled = {}
+        for batch in args.batches:
+            compiled[str(batch)], first_tokens = bench_compiled(model, tokenizer, codec, batch, frames, args)
+            if batch == 1:
+                assert torch.equal(first_tokens, naive.tokens), "compiled and naive tokens differ"
+                row["compiled_equals_naive_tokens"] = True
+            print(f"  {name} compiled batch {batch}: {json.dumps(compiled[str(batch)])}", flush=True)
+        row["compiled"] = compiled
+        row["ratio_compiled_frames_per_s"] = {
+            b: round(v["frames_per_s"] / row["naive"]["frames_per_s"], 2) for b, v in compiled.items()
+        }
     return row
+
+
+def bench_compiled(
+    model: DualAR, tokenizer: ByteTokenizer, codec: Codec, batch: int, frames: int, args
+) -> tuple[dict, torch.Tensor]:
+    """``InferenceEngine(compile=True)``: the fixed-shape step compiled on the first run of these requests
+    (timed apart as ``compile_s``, since a new shape compiles anew), then a timed run; time to first audio
+    from a streamed run of the same requests, stopped once every request has its first chunk. Returns the
+    figures and request 0's tokens."""
+    requests = cpu_requests(model, tokenizer, batch, frames, args.reference_frames)
+    engine = InferenceEngine(model, tokenizer.token_id("<|im_end|>"), max_batch=batch, compile=True)
+    started = time.perf_counter()
+    engine.generate(requests)  # compiles, then runs
+    compile_s = time.perf_counter() - started
+    engine.prefix_cache.clear()
+    started = time.perf_counter()
+    generations = engine.generate(requests)
+    wall = time.perf_counter() - started
+    assert all(g.codes.shape[1] == frames for g in generations)
+    engine.prefix_cache.clear()
+    first_audio: dict[int, float] = {}
+    started = time.perf_counter()
+    for chunk in stream_audio(engine, codec, requests, first_chunk_frames=args.first_chunk, chunk_frames=32):
+        first_audio.setdefault(chunk.index, time.perf_counter() - started)
+        if len(first_audio) == batch:
+            break
+    figures = {
+        "compile_and_first_run_s": round(compile_s, 1),
+        "wall_s": round(wall, 3),
+        "frames_per_s": round(batch * frames / wall, 2),
+        "time_to_first_audio_s": round(statistics.mean(first_audio.values()), 4),
+    }
+    return figures, generations[0].tokens
 
 
 # ------------------------------------------------------------------------------------------------- GPU
@@ -335,6 +380,13 @@ def main() -> None:
     parser.add_argument("--small-frames", type=int, default=32)
     parser.add_argument("--reference-frames", type=int, default=64, help="frames of the cloned voice's codes")
     parser.add_argument("--first-chunk", type=int, default=8, help="frames before the first audio")
+    parser.add_argument(
+        "--compile-presets",
+        nargs="*",
+        default=["tiny"],
+        choices=sorted(PRESETS),
+        help="presets also run with InferenceEngine(compile=True) (about 1-2 min of compiling each)",
+    )
     parser.add_argument("--gpu-frames", type=int, default=256)
     parser.add_argument("--gpu-prompt", type=int, default=320, help="prompt positions on the GPU")
     parser.add_argument("--reference-frames-gpu", type=int, default=215, help="10 s at 21.5 Hz")

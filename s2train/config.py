@@ -416,6 +416,7 @@ class SynthesizeConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:<i>
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     cuda_graph: bool = True  # on CUDA: replay each frame's step as a CUDA graph
+    compile: bool = False  # on a CPU: compile each frame's step (inductor; a minute or two per batch shape)
     prefix_cache_mb: float = 512.0  # keys and values of reference prompts kept for reuse
     threads: int = 0  # torch intra-op threads on a CPU; 0 leaves torch's default
     progress: bool = True

@@ -378,6 +378,41 @@ def test_greedy_engine_generation_reproduces_upstream():
     assert results[2].prefix_hit, "the second request with the same reference reused its prefix"
 
 
+# ------------------------------------------------------------------------------------- compiled (CPU)
+
+
+@pytest.mark.slow
+def test_the_compiled_cpu_step_draws_what_the_eager_step_draws(model, tokenizer):
+    """``compile=True``: the fixed-shape step of all rows compiled by inductor. Ragged requests joining and
+    leaving three rows, greedy and sampled (repetition-aware, a minimum length), draw the eager engine's
+    tokens; a second run of the same shape reuses the compiled step."""
+    requests = [
+        speech_request(tokenizer, f"Sentence number {i}.", 4, max_new_tokens=12 + 7 * i, sampling=GREEDY)
+        for i in range(5)
+    ]
+    sampled = [
+        dataclasses.replace(r, sampling=SamplingParams(), min_new_tokens=6, seed=10 + i)
+        for i, r in enumerate(requests)
+    ]
+    compiled = InferenceEngine(model, IM_END, max_batch=3, compile=True)
+    eager = InferenceEngine(model, IM_END, max_batch=3)
+    for batch in (requests, sampled):
+        for a, b in zip(compiled.generate(batch), eager.generate(batch)):
+            assert torch.equal(a.tokens, b.tokens)
+    step = compiled._last_batch.graph
+    again = compiled.generate(sampled)
+    assert compiled._last_batch.graph is step, "the same rows and slots reuse the compiled step"
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(again, eager.generate(sampled)))
+
+
+def test_compile_runs_a_fixed_shape_step_and_only_on_a_cpu(model):
+    engine = InferenceEngine(model, IM_END, compile=True)
+    assert engine.static and not engine.cuda_graph
+    if torch.cuda.is_available():  # pragma: no cover - needs CUDA
+        with pytest.raises(ValueError, match="on CUDA use cuda_graph"):
+            InferenceEngine(DualAR(tiny()).to("cuda"), IM_END, compile=True)
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 

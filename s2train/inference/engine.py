@@ -37,10 +37,14 @@ tokens alone, and a seed gives the same audio alone or batched (and in ``generat
 **Speed paths.** On a CPU every step runs eagerly over the running rows, attending to the filled slots
 only, through ``StepDecoder`` (``dual_ar.py``: the slow and fast models for one new position per row in
 about half the tensor operations of the modules, with the same numbers) under ``torch.inference_mode``;
-a small model's frame is bound by the number of operations, not by arithmetic. On CUDA (``cuda_graph``, the default there) the frame step (fast loop, sampling and the slow step
-for all rows of the batch) is captured once as a CUDA graph over fixed shapes (``RowKVCache(static=
-True)``: every slot, masked) and replayed each frame; only the per-request noise is drawn outside it.
-Load the model in bfloat16 for speed there (``stage=synthesize`` does). The prompts (joins) run eagerly.
+a small model's frame is bound by the number of operations, not by arithmetic. On CUDA (``cuda_graph``,
+the default there) the frame step (fast loop, sampling and the slow step for all rows of the batch) is
+captured once as a CUDA graph over fixed shapes (``RowKVCache(static=True)``: every slot, masked) and
+replayed each frame; only the per-request noise is drawn outside it. Load the model in bfloat16 for speed
+there (``stage=synthesize`` does). On a CPU, ``compile=True`` runs the same fixed-shape step compiled by
+``torch.compile`` (inductor, C++ kernels and a C++ wrapper): one call a frame instead of hundreds of ATen
+calls, after a minute or two of compiling per batch shape (rows and slots). The prompts (joins) run
+eagerly on every path.
 
 **Streaming** (``stream_audio``): each request's frames go to its own causal streaming codec decoder;
 its first audio leaves after ``first_chunk_frames`` frames, then every ``chunk_frames``; the chunks of a
@@ -49,10 +53,11 @@ request joined equal ``codec.decode`` of all its frames.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -202,8 +207,9 @@ class _Batch:
         self.slow_logprobs = torch.zeros(rows, device=device)
         self.fast_logprobs = torch.zeros(rows, cfg.num_codebooks - 1, device=device)
         self.running: list[_Running] = []  # row i holds running[i]
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: torch.cuda.CUDAGraph | Callable[[], None] | None = None  # the fixed-shape step
         self.decoder: StepDecoder | None = None  # the eager step's model path (None: the modules)
+        self.head: Tensor | None = None  # (D, A): the allowed rows of the LM head, for the eager step
 
     def move_row(self, source: int, target: int) -> None:
         length = int(self.cache.lengths[source])
@@ -225,6 +231,7 @@ class InferenceEngine:
         max_batch: int = 8,
         prefix_cache_mb: float = 256.0,
         cuda_graph: bool | None = None,
+        compile: bool = False,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
@@ -238,6 +245,11 @@ class InferenceEngine:
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         if self.cuda_graph and not on_cuda:
             raise ValueError("cuda_graph needs the model on a CUDA device")
+        if compile and on_cuda:
+            raise ValueError("compile is the CPU's fixed-shape step; on CUDA use cuda_graph")
+        self.compile = compile
+        # Both speed paths run one fixed-shape step over all rows of a static cache (every slot, masked).
+        self.static = self.cuda_graph or compile
         self.first_frame_s: dict[int, float] = {}  # request index -> seconds from run() to its first column
         self._last_batch: _Batch | None = None
 
@@ -259,8 +271,9 @@ class InferenceEngine:
         for request in requests:
             self._check(request)
         batch = self._batch_for(requests)
-        if not self.cuda_graph:  # read the weights as they are now (a GRPO update changes them)
+        if not self.static:  # read the weights as they are now (a GRPO update changes them)
             batch.decoder = StepDecoder(self.model, batch.cache.max_len)
+            batch.head = self._head().index_select(0, self.vocab.allowed_ids).t()  # (D, A)
         queue = deque(range(len(requests)))
         started = time.perf_counter()
         self.first_frame_s = {}
@@ -303,8 +316,8 @@ class InferenceEngine:
                     batch.move_row(last, row)
                     batch.running[row] = batch.running[last]
                 batch.running.pop()
-            if self.cuda_graph:
-                batch.cache.lengths[len(batch.running) :] = 0  # idle rows of the graph write harmlessly
+            if self.static:
+                batch.cache.lengths[len(batch.running) :] = 0  # idle rows of the step write harmlessly
 
     # --------------------------------------------------------------------------------------- internals
 
@@ -345,14 +358,22 @@ class InferenceEngine:
             last.running.clear()
             return last
         self._last_batch = None  # free its memory before allocating the new one
-        self._last_batch = _Batch(self.model, self.vocab, rows, capacity, self.cuda_graph)
+        self._last_batch = _Batch(self.model, self.vocab, rows, capacity, self.static)
         return self._last_batch
 
-    def allowed_logits(self, hidden_ND: Tensor) -> Tensor:
+    def _head(self) -> Tensor:
+        slow = self.model.slow
+        return (slow.embeddings.weight if slow.output is None else slow.output.weight).detach()
+
+    def allowed_logits(self, hidden_ND: Tensor, head_DA: Tensor | None = None) -> Tensor:
         """Slow logits (N, A) of the allowed tokens, in id order, from the slow output (N, D): the rows of
-        the LM head that S2 decoding may choose, not the whole vocabulary."""
-        slow, cfg, vocab = self.model.slow, self.config, self.vocab
-        weight = slow.embeddings.weight if slow.output is None else slow.output.weight
+        the LM head that S2 decoding may choose, not the whole vocabulary. ``head_DA``: those rows,
+        gathered and transposed once per run (the eager step: one matrix product a frame)."""
+        if head_DA is not None:
+            logits = torch.mm(hidden_ND, head_DA)
+            return logits if logits.dtype == torch.float32 else logits.float()
+        cfg, vocab = self.config, self.vocab
+        weight = self._head()
         semantic = F.linear(hidden_ND, weight[cfg.semantic_begin_id : cfg.semantic_end_id + 1])
         end = F.linear(hidden_ND, weight[vocab.im_end_id : vocab.im_end_id + 1])
         logits = torch.cat([end, semantic] if vocab.end_index == 0 else [semantic, end], dim=-1)
@@ -380,7 +401,7 @@ class InferenceEngine:
             p = request.prefix_len
             self.prefix_cache.put(key, cache.k[:, row, :, :p].clone(), cache.v[:, row, :, :p].clone())
         batch.hidden[row] = hidden[0]
-        batch.logits[row] = self.allowed_logits(hidden)[0]
+        batch.logits[row] = self.allowed_logits(hidden, batch.head)[0]
         batch.sampler.set_row(row, request.sampling)
         batch.allow_end[row] = request.min_new_tokens == 0
         generator = None
@@ -390,7 +411,14 @@ class InferenceEngine:
         batch.running.append(_Running(index, request, generator, prefix_hit=start > 0))
 
     def _frame(self, batch: _Batch, n: int) -> None:
-        """One frame for rows 0..n-1: the CUDA graph of all rows, or an eager step of the running ones."""
+        """One frame for rows 0..n-1: the CUDA graph or the compiled step of all rows, or an eager step of
+        the running ones."""
+        if self.compile:
+            if batch.graph is None:
+                batch.graph = self._compiled(batch)
+            with torch.inference_mode():
+                batch.graph()
+            return
         if not self.cuda_graph:
             # Inference mode skips the autograd bookkeeping of every small op (about a fifth of an eager
             # step on a CPU); the step only writes into the batch's buffers, which stay normal tensors.
@@ -433,17 +461,36 @@ class InferenceEngine:
         else:
             out = model.slow(model.slow.embed(frame.columns[:, :, None]), cache=cache)[:, 0]
         hidden.copy_(out)
-        (batch.logits if full else batch.logits[:n]).copy_(self.allowed_logits(out))
+        (batch.logits if full else batch.logits[:n]).copy_(self.allowed_logits(out, batch.head))
         (batch.columns if full else batch.columns[:n]).copy_(frame.columns)
         if batch.sampler.logprobs:
             batch.slow_logprobs[:n] = frame.slow_logprob
             batch.fast_logprobs[:n] = frame.fast_logprob
 
+    @staticmethod
+    def _fixed_sampler(batch: _Batch) -> None:
+        """The sampler of a fixed-shape step: every branch taken, nothing read on the host, so that one
+        recorded step serves every request's settings."""
+        sampler = batch.sampler
+        sampler.truncating, sampler.logprobs, sampler.eager = True, True, False
+
+    def _compiled(self, batch: _Batch) -> Callable[[], None]:
+        """``_step`` over all rows, compiled by ``torch.compile`` (inductor, generating C++ with a C++
+        wrapper, so a frame makes a handful of calls from Python instead of hundreds of small ATen calls).
+        It compiles on its first call (a minute or two on a small CPU) and again for a batch of other rows
+        or slots; the numbers are the eager module path's up to the reassociation of float sums."""
+        self._fixed_sampler(batch)
+        return torch.compile(
+            functools.partial(self._step, batch, batch.rows),
+            dynamic=False,
+            fullgraph=True,
+            options={"cpp_wrapper": True},
+        )
+
     def _capture(self, batch: _Batch) -> torch.cuda.CUDAGraph:  # pragma: no cover - needs CUDA
         """Record ``_step`` over all rows as a CUDA graph. Warm-up runs change the state they run on, so
         it is saved first and put back afterwards; capture itself runs nothing."""
-        sampler = batch.sampler
-        sampler.truncating, sampler.logprobs, sampler.eager = True, True, False  # serves every setting
+        self._fixed_sampler(batch)
         state = (batch.cache.lengths, batch.sampler.history, batch.hidden, batch.logits)
         saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()

@@ -273,6 +273,7 @@ def run(cfg: S2Config, manifest: str = "manifest.jsonl") -> dict:
         max_batch=s.batch_size,
         prefix_cache_mb=s.prefix_cache_mb,
         cuda_graph=s.cuda_graph and device.type == "cuda",
+        compile=s.compile and device.type == "cpu",
     )
 
     def done(u: Utterance) -> bool:

@@ -786,16 +786,17 @@ class DualAR(nn.Module):
 
 
 class _Layer(NamedTuple):
-    """The weights of one block as plain tensors (detached views of its parameters)."""
+    """The weights of one block as plain tensors (detached views of its parameters), the projections
+    transposed (``x @ w`` is ``F.linear(x, w.T)``: the same matrix product, one call instead of four)."""
 
     attention_norm: Tensor  # (D,)
-    wqkv: Tensor  # ((H + 2 Hkv) Dh, D)
+    wqkv: Tensor  # (D, (H + 2 Hkv) Dh)
     qk_norm: Tensor | None  # (H + Hkv, Dh): q_norm's weight for every query head, then k_norm's per kv head
-    wo: Tensor  # (D, H Dh)
+    wo: Tensor  # (H Dh, D)
     ffn_norm: Tensor  # (D,)
-    w1: Tensor  # (I, D)
-    w3: Tensor  # (I, D)
-    w2: Tensor  # (D, I)
+    w1: Tensor  # (D, I)
+    w3: Tensor  # (D, I)
+    w2: Tensor  # (I, D)
 
 
 def _layers(stack: Transformer) -> list[_Layer]:
@@ -813,13 +814,13 @@ def _layers(stack: Transformer) -> list[_Layer]:
         layers.append(
             _Layer(
                 block.attention_norm.weight.detach(),
-                attention.wqkv.weight.detach(),
+                attention.wqkv.weight.detach().t(),
                 qk_norm,
-                attention.wo.weight.detach(),
+                attention.wo.weight.detach().t(),
                 block.ffn_norm.weight.detach(),
-                ffn.w1.weight.detach(),
-                ffn.w3.weight.detach(),
-                ffn.w2.weight.detach(),
+                ffn.w1.weight.detach().t(),
+                ffn.w3.weight.detach().t(),
+                ffn.w2.weight.detach().t(),
             )
         )
     return layers
@@ -903,7 +904,7 @@ class StepDecoder:
         self.fast_embeddings = fast.embeddings.weight.detach()  # (C or (K - 1) C, Df)
         self.fast_norm = fast.norm.weight.detach()
         self.fast_output = fast.output
-        self.fast_head = fast.output.weight.detach() if cfg.fast_shared_head else None  # (C, Df)
+        self.fast_head = fast.output.weight.detach().t() if cfg.fast_shared_head else None  # (Df, C)
         cos, sin, self.fast_swap = rope_rows(
             cfg.num_codebooks, cfg.fast_head_dim, cfg.rope_base, cfg.rope_table_dtype, device
         )
@@ -975,7 +976,7 @@ class StepDecoder:
             v.scatter_(2, slots, v_new.view(N, Hkv, 1, Dh))
             # The G query heads of a kv head are its query rows: (N, Hkv, G, Dh), as in Attention.
             out = F.scaled_dot_product_attention(q.view(N, Hkv, G, Dh), k, v, attn_mask=mask)
-            x.add_(F.linear(out.reshape(N, H * Dh), layer.wo))
+            x.add_(torch.mm(out.reshape(N, H * Dh), layer.wo))
             x.add_(self._ffn(x, layer, D))
         cache.advance(1)
         return _rms_norm(x, self.slow_norm, eps, D)
@@ -984,7 +985,7 @@ class StepDecoder:
         """Normed, projected, (q/k-normed) and rotated: q (N, H, Dh), new k (N, Hkv, Dh), new v
         (N, Hkv * Dh); ``heads`` is (H, Hkv, Dh)."""
         H, Hkv, Dh = heads
-        qkv = F.linear(_rms_norm(x, layer.attention_norm, self.eps, size), layer.wqkv)  # (N, (H + 2 Hkv) Dh)
+        qkv = torch.mm(_rms_norm(x, layer.attention_norm, self.eps, size), layer.wqkv)  # (N, (H + 2 Hkv) Dh)
         qk, v_new = torch.split_with_sizes(qkv, ((H + Hkv) * Dh, Hkv * Dh), 1)
         qk = qk.view(x.shape[0], H + Hkv, Dh)
         if layer.qk_norm is not None:
@@ -994,7 +995,7 @@ class StepDecoder:
 
     def _ffn(self, x: Tensor, layer: _Layer, size: Tensor) -> Tensor:
         h = _rms_norm(x, layer.ffn_norm, self.eps, size)
-        return F.linear(F.silu(F.linear(h, layer.w1), inplace=True).mul_(F.linear(h, layer.w3)), layer.w2)
+        return torch.mm(F.silu(torch.mm(h, layer.w1), inplace=True).mul_(torch.mm(h, layer.w3)), layer.w2)
 
     # ---------------------------------------------------------------------------------------- fast
 
@@ -1007,7 +1008,7 @@ class StepDecoder:
     def _fast_logits(self, x: Tensor) -> Tensor:
         """Final norm and shared head (M, Df) -> (M, C), codes impossible in a residual codebook -inf."""
         h = _rms_norm(x, self.fast_norm, self.eps, self.sizes[self.config.fast_dim])
-        logits = F.linear(h, self.fast_head)
+        logits = torch.mm(h, self.fast_head)
         return logits + self.impossible_bias if self.mask_impossible else logits
 
     def fast_first(self, hidden_ND: Tensor, c0_N: Tensor, cache: KVCache) -> Tensor:
@@ -1022,7 +1023,7 @@ class StepDecoder:
         eps, D, Dh_size = self.eps, self.sizes[cfg.fast_dim], self.sizes[Dh]
         slots = self.fast_slots(cache)
         for i, layer in enumerate(self.fast_layers):
-            qkv = F.linear(_rms_norm(x, layer.attention_norm, eps, D), layer.wqkv)  # (N 2, (H + 2 Hkv) Dh)
+            qkv = torch.mm(_rms_norm(x, layer.attention_norm, eps, D), layer.wqkv)  # (N 2, (H + 2 Hkv) Dh)
             qk, v_new = torch.split_with_sizes(qkv, split, 1)
             qk = qk.view(N, 2, H + Hkv, Dh)
             if layer.qk_norm is not None:
@@ -1035,7 +1036,7 @@ class StepDecoder:
             q = q.view(N, 2, Hkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(N, Hkv, G * 2, Dh)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.fast_first_mask)
             out = out.view(N, Hkv, G, 2, Dh).permute(0, 3, 1, 2, 4).reshape(N * 2, H * Dh)
-            x.add_(F.linear(out, layer.wo))
+            x.add_(torch.mm(out, layer.wo))
             x.add_(self._ffn(x, layer, D))
         cache.length = 2
         if self.fast_head is None:  # one head per codebook: FastHead's own path
@@ -1067,7 +1068,7 @@ class StepDecoder:
             k_slot.copy_(k_new)
             v_slot.copy_(v_new.view(N, Hkv, Dh))
             out = F.scaled_dot_product_attention(q.view(N, Hkv, G, Dh), k, v)
-            x.add_(F.linear(out.reshape(N, H * Dh), layer.wo))
+            x.add_(torch.mm(out.reshape(N, H * Dh), layer.wo))
             x.add_(self._ffn(x, layer, D))
         cache.length = p + 1
         if self.fast_head is None:
