@@ -11,7 +11,7 @@ top-p 0.9 for both models, repetition-aware sampling) and its own seed.
 
 - ours: ``InferenceEngine(max_batch=B).generate`` after an untimed warm-up run; frames/s = B x F / wall
   time (prefill and generation; the cloned voice's prefix computed once, then reused from the prefix
-  cache). Time to first audio: a second, streamed run (``stream_audio``, a codec of the model's
+  cache), the median of ``--repeats`` (3) timed runs, as for every loop here. Time to first audio: a second, streamed run (``stream_audio``, a codec of the model's
   codebooks: tiny: the ``tiny`` codec; small: the ``tiny`` codec's layers with S2 Pro's 1 x 4096 + 9 x
   1024 codebooks) of the same requests, seconds from the call to a request's first chunk of
   ``--first-chunk`` frames, mean over the B requests.
@@ -21,6 +21,10 @@ top-p 0.9 for both models, repetition-aware sampling) and its own seed.
   measured once per preset. Its time to first audio: ``--first-chunk`` frames, then decoding them.
 - check: the engine at batch 1 draws exactly the naive loop's tokens (same seed), asserted.
 - ratio = ours frames/s / naive frames/s.
+- compiled (``--compile-presets``, default ``tiny``): ``InferenceEngine(compile=True)``, the fixed-shape
+  step compiled by inductor; the first run of the requests compiles (``compile_and_first_run_s``), then
+  the timed runs; time to first audio from a streamed run stopped once every request has its first
+  chunk; at batch 1 its tokens equal the naive loop's (asserted).
 
 **GPU** (when CUDA is available): the ``s2pro`` shape with random weights in bfloat16 (the slow 36 x 2560
 and fast 4 x 2560 transformers, 10 codebooks) and the ``s2pro`` codec (random, float32), the frame step
@@ -34,7 +38,7 @@ once, the LM head rows of the 4,097 allowed tokens, the fast model's layers and 
 c1..c9, the slow keys and values of the mean context) / the GPU's peak bandwidth (``--gpu-bandwidth-tbs``;
 H100 SXM 3.35, H200 4.8 TB/s by device name), divided by the measured seconds per frame.
 
-    python benchmarks/inference.py                          # CPU, tiny and small, 1 thread, about 2.5 min
+    python benchmarks/inference.py                          # CPU, tiny and small, 1 thread, about 6 min
     python benchmarks/inference.py --presets                # GPU part only (needs CUDA)
 
 One intra-op thread by default, as the other benchmarks: on the shared 2-core development machine a
@@ -122,6 +126,17 @@ def cpu_requests(
     ]
 
 
+def timed(run, repeats: int):
+    """The median wall time of ``repeats`` calls of ``run()`` (this machine's timings swing by a quarter
+    from run to run), every wall time, and the last call's result."""
+    walls, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = run()
+        walls.append(time.perf_counter() - started)
+    return statistics.median(walls), [round(w, 3) for w in walls], result
+
+
 def timed_stream(engine: InferenceEngine, codec: Codec, requests: list[Request], first_chunk: int) -> dict:
     """Run the requests through stream_audio: wall time, first-audio times, the generations."""
     first_audio: dict[int, float] = {}
@@ -161,12 +176,16 @@ def bench_cpu_preset(name: str, args) -> dict:
         engine.generate(
             [dataclasses.replace(r, max_new_tokens=4, min_new_tokens=4) for r in requests]
         )  # warm-up
-        engine.prefix_cache.clear()  # the timed run computes its voice's prefix once, like a cold server
-        hits = engine.prefix_cache.hits
-        started = time.perf_counter()
-        generations = engine.generate(requests)
-        wall = time.perf_counter() - started
-        hits = engine.prefix_cache.hits - hits
+        hits = []
+
+        def cold_run(engine=engine, requests=requests, hits=hits):
+            engine.prefix_cache.clear()  # each timed run computes its voice's prefix once, like a cold server
+            before = engine.prefix_cache.hits
+            generations = engine.generate(requests)
+            hits.append(engine.prefix_cache.hits - before)
+            return generations
+
+        wall, walls, generations = timed(cold_run, args.repeats)
         assert all(g.codes.shape[1] == frames for g in generations)
         # First audio: a streamed run of the same requests, cut after the first chunk's frames.
         engine.prefix_cache.clear()
@@ -178,9 +197,10 @@ def bench_cpu_preset(name: str, args) -> dict:
         ours[batch] = {
             "prompt_positions": requests[0].prompt.shape[1],
             "wall_s": round(wall, 3),
+            "wall_s_runs": walls,
             "frames_per_s": round(batch * frames / wall, 2),
             "time_to_first_audio_s": round(statistics.mean(stream["first_audio_s"]), 4),
-            "prefix_cache_hits": hits,
+            "prefix_cache_hits": hits[-1],
         }
         if batch == 1:
             tokens_b1 = generations[0].tokens
@@ -200,21 +220,23 @@ def bench_cpu_preset(name: str, args) -> dict:
     with torch.no_grad():
         codec.stream_decoder().push(first.codes)
     naive_first_audio = time.perf_counter() - started
-    started = time.perf_counter()
-    naive = generate_naive(
-        model,
-        request.prompt,
-        max_new_tokens=frames,
-        min_new_tokens=frames,
-        generator=torch.Generator().manual_seed(request.seed),
-        **naive_kwargs,
+    naive_wall, naive_walls, naive = timed(
+        lambda: generate_naive(
+            model,
+            request.prompt,
+            max_new_tokens=frames,
+            min_new_tokens=frames,
+            generator=torch.Generator().manual_seed(request.seed),
+            **naive_kwargs,
+        ),
+        args.repeats,
     )
-    naive_wall = time.perf_counter() - started
     if 1 in ours:
         assert torch.equal(naive.tokens, tokens_b1), "the engine and the naive loop drew different tokens"
         row["engine_equals_naive_tokens"] = True
     row["naive"] = {
         "wall_s": round(naive_wall, 3),
+        "wall_s_runs": naive_walls,
         "frames_per_s": round(frames / naive_wall, 2),
         "time_to_first_audio_s": round(naive_first_audio, 4),
     }
@@ -250,10 +272,12 @@ def bench_compiled(
     started = time.perf_counter()
     engine.generate(requests)  # compiles, then runs
     compile_s = time.perf_counter() - started
-    engine.prefix_cache.clear()
-    started = time.perf_counter()
-    generations = engine.generate(requests)
-    wall = time.perf_counter() - started
+
+    def cold_run():
+        engine.prefix_cache.clear()
+        return engine.generate(requests)
+
+    wall, walls, generations = timed(cold_run, args.repeats)
     assert all(g.codes.shape[1] == frames for g in generations)
     engine.prefix_cache.clear()
     first_audio: dict[int, float] = {}
@@ -265,6 +289,7 @@ def bench_compiled(
     figures = {
         "compile_and_first_run_s": round(compile_s, 1),
         "wall_s": round(wall, 3),
+        "wall_s_runs": walls,
         "frames_per_s": round(batch * frames / wall, 2),
         "time_to_first_audio_s": round(statistics.mean(first_audio.values()), 4),
     }
@@ -380,6 +405,7 @@ def main() -> None:
     parser.add_argument("--small-frames", type=int, default=32)
     parser.add_argument("--reference-frames", type=int, default=64, help="frames of the cloned voice's codes")
     parser.add_argument("--first-chunk", type=int, default=8, help="frames before the first audio")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each loop; the median counts")
     parser.add_argument(
         "--compile-presets",
         nargs="*",
