@@ -478,7 +478,9 @@ class InferenceEngine:
         """``_step`` over all rows, compiled by ``torch.compile`` (inductor, generating C++ with a C++
         wrapper, so a frame makes a handful of calls from Python instead of hundreds of small ATen calls).
         It compiles on its first call (a minute or two on a small CPU) and again for a batch of other rows
-        or slots; the numbers are the eager module path's up to the reassociation of float sums."""
+        or slots; the numbers are the eager module path's up to the reassociation of float sums. Dynamo
+        keeps at most ``torch._dynamo.config.recompile_limit`` (8) compiled shapes of the step: a
+        long-lived engine that meets more batch shapes should raise it."""
         self._fixed_sampler(batch)
         return torch.compile(
             functools.partial(self._step, batch, batch.rows),
