@@ -64,6 +64,7 @@ def random_codes(cfg: CodecConfig, batch: int, frames: int) -> torch.Tensor:
         ({"quantizer_dropout": 1.5}, "between 0 and 1"),
         ({"decoder_dim": 60}, "divisible"),
         ({"encoder_type": "wav2vec"}, "conv or mel"),
+        ({"encoder_residual_units": 4}, "0 to 3"),
     ],
 )
 def test_config_rejects_inconsistent_sizes(change, words):
@@ -115,6 +116,22 @@ def test_mel_encoder_round_trip_and_log_mel_front_end():
     centres = torch.linspace(0, cfg.sample_rate / 2, codec.encoder.n_fft // 2 + 1) @ codec.encoder.fbank.T
     centres = centres / codec.encoder.fbank.sum(-1)  # each band's mean frequency
     assert abs(float(centres[band]) - 1000.0) < 200.0
+
+
+def test_mel_skip_adds_a_linear_map_of_the_log_mel():
+    """encoder_mel_skip: the encoder's output is its conv path plus a 1 x 1 conv of the scaled log-mel
+    frames; encoder_residual_units=0 leaves the conv path without residual units."""
+    codec = make_tiny(encoder_type="mel", encoder_mels=40, encoder_residual_units=0, encoder_mel_skip=True)
+    encoder = codec.encoder
+    assert len(encoder.res_units) == 0 and encoder.skip is not None
+    wav = sines(1, 8 * codec.config.hop_length, codec.config.sample_rate)
+    with torch.no_grad():
+        features = (encoder.log_mel(wav) + 2.5) / 2.5
+        conv_path = encoder.conv_out(encoder.act_out(encoder.conv_in(features)))
+        skip = encoder.skip(features)
+        assert torch.allclose(encoder(wav), conv_path + skip, atol=1e-6)
+        assert skip.abs().mean() > 0.1 * conv_path.abs().mean()
+    assert make_tiny(encoder_type="mel").encoder.skip is None  # off by default
 
 
 def test_encode_and_decode_reject_bad_input():
@@ -308,9 +325,13 @@ def first_dependency(output_at: int, grad: torch.Tensor) -> tuple[float, float]:
     return grad[..., :output_at].abs().sum().item(), grad[..., output_at:].abs().sum().item()
 
 
-@pytest.mark.parametrize("encoder_type", ["conv", "mel"])
-def test_encoder_is_causal_by_gradient(encoder_type):
-    codec = make_tiny(encoder_type=encoder_type)
+@pytest.mark.parametrize(
+    "encoder",
+    [{"encoder_type": "conv"}, {"encoder_type": "mel"}, {"encoder_type": "mel", "encoder_mel_skip": True}],
+    ids=["conv", "mel", "mel-skip"],
+)
+def test_encoder_is_causal_by_gradient(encoder):
+    codec = make_tiny(**encoder)
     hop, frame = codec.config.hop_length, codec.samples_per_frame
     wav = (torch.randn(1, 1, 8 * frame) * 0.3).requires_grad_()
     latent = codec.encoder(wav)  # (1, D, 8 * frame / hop)

@@ -69,6 +69,8 @@ class CodecConfig:
     decoder_type: str = "conv"  # conv: DAC's upsampling decoder (released); istft: spectra at the hop rate
     encoder_type: str = "conv"  # conv: DAC's strided encoder (released); mel: MelEncoder (log-mel)
     encoder_mels: int = 80  # mel encoder: mel bands of its causal STFT (window 4 * hop)
+    encoder_residual_units: int = 3  # mel encoder: residual units (dilations 1, 3, 9 in turn; 0 to 3)
+    encoder_mel_skip: bool = False  # mel encoder: add a linear map of the log-mel frames to its output
     istft_dim: int = 256  # istft decoder: ConvNeXt width at the hop rate
     istft_layers: int = 4  # istft decoder: ConvNeXt blocks
     istft_phase_advance: bool = False  # istft decoder: turn bin k by 2 pi k / istft_window per hop
@@ -129,6 +131,10 @@ class CodecConfig:
             f"codec encoder_type must be conv or mel, not {self.encoder_type!r}",
         )
         check(self.encoder_mels >= 1, f"codec encoder_mels must be at least 1, not {self.encoder_mels}")
+        check(
+            0 <= self.encoder_residual_units <= 3,
+            f"codec encoder_residual_units must be 0 to 3, not {self.encoder_residual_units}",
+        )
         check(
             self.istft_dim >= 1 and self.istft_layers >= 0, "codec istft_dim must be >= 1, istft_layers >= 0"
         )
@@ -392,10 +398,12 @@ class MelEncoder(nn.Module):
     """(B, 1, T samples) -> (B, D, T / hop) through a fixed log-mel front end.
 
     A causal STFT (periodic Hann window of 4 * hop samples ending where each hop ends) and a Slaney mel
-    filterbank give log-mel frames at the hop rate; a weight-normed conv, residual units with Snake
-    (dilations 1, 3, 9) and a closing conv map them to the latent. Nothing runs at the audio rate, so a
-    CPU trains it many times faster than the strided encoder; the demo uses it
-    (``encoder_type=mel``), the released S2 Pro codec the strided one.
+    filterbank give log-mel frames at the hop rate; a weight-normed conv, ``encoder_residual_units``
+    residual units with Snake (dilations 1, 3, 9) and a closing conv map them to the latent. With
+    ``encoder_mel_skip`` a linear map (1 x 1 conv) of the log-mel frames is added to that: the latent
+    starts as a projection of the spectrum, which a decoder learns to speak from within minutes, and the
+    convs learn what to add. Nothing runs at the audio rate, so a CPU trains it many times faster than
+    the strided encoder; the demo uses it (``encoder_type=mel``), the released S2 Pro codec the strided one.
     """
 
     def __init__(self, cfg: CodecConfig):
@@ -411,9 +419,10 @@ class MelEncoder(nn.Module):
         self.register_buffer("fbank", fbank.T.contiguous(), persistent=False)  # (M, F)
         dim = cfg.latent_dim
         self.conv_in = CausalConv1d(cfg.encoder_mels, dim, 7)
-        self.res_units = nn.ModuleList(ResidualUnit(dim, d) for d in (1, 3, 9))
+        self.res_units = nn.ModuleList(ResidualUnit(dim, d) for d in (1, 3, 9)[: cfg.encoder_residual_units])
         self.act_out = Snake(dim)
         self.conv_out = CausalConv1d(dim, dim, 3)
+        self.skip = nn.Conv1d(cfg.encoder_mels, dim, 1) if cfg.encoder_mel_skip else None
 
     def log_mel(self, wav: Tensor) -> Tensor:
         """(B, 1, T samples), T a multiple of hop -> log10 mel magnitudes (B, M, T / hop), floor -5."""
@@ -427,10 +436,12 @@ class MelEncoder(nn.Module):
         # Silence (-5) to loud speech (about 0) mapped to about -1 .. 1: Snake's period is about 3 at
         # alpha 1, so inputs many times larger make its output and gradients erratic.
         features = (self.log_mel(wav) + 2.5) / 2.5
-        x = self.conv_in(features.to(wav.dtype))  # (B, D, T / hop)
+        features = features.to(wav.dtype)
+        x = self.conv_in(features)  # (B, D, T / hop)
         for unit in self.res_units:
             x = unit(x)
-        return self.conv_out(self.act_out(x))
+        x = self.conv_out(self.act_out(x))
+        return x if self.skip is None else x + self.skip(features)
 
 
 class DecoderBlock(nn.Module):
