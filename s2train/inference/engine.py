@@ -371,12 +371,12 @@ class InferenceEngine:
         gathered and transposed once per run (the eager step: one matrix product a frame)."""
         if head_DA is not None:
             logits = torch.mm(hidden_ND, head_DA)
-            return logits if logits.dtype == torch.float32 else logits.float()
-        cfg, vocab = self.config, self.vocab
-        weight = self._head()
-        semantic = F.linear(hidden_ND, weight[cfg.semantic_begin_id : cfg.semantic_end_id + 1])
-        end = F.linear(hidden_ND, weight[vocab.im_end_id : vocab.im_end_id + 1])
-        logits = torch.cat([end, semantic] if vocab.end_index == 0 else [semantic, end], dim=-1)
+        else:
+            cfg, vocab = self.config, self.vocab
+            weight = self._head()
+            semantic = F.linear(hidden_ND, weight[cfg.semantic_begin_id : cfg.semantic_end_id + 1])
+            end = F.linear(hidden_ND, weight[vocab.im_end_id : vocab.im_end_id + 1])
+            logits = torch.cat([end, semantic] if vocab.end_index == 0 else [semantic, end], dim=-1)
         return logits if logits.dtype == torch.float32 else logits.float()
 
     def _join(self, batch: _Batch, index: int, request: Request) -> None:
