@@ -214,6 +214,7 @@ class CodecTrainConfig:
     max_steps: int = 1000  # codec (generator) updates
     lr: float = 3e-4  # AdamW, betas (0.8, 0.99), for the codec and the discriminator alike
     lr_decay: float = 0.999996  # exponential decay per step (DAC)
+    lr_cooldown: float = 0.0  # the last this share of max_steps takes the lr linearly down to zero
     warmup_steps: int = 100  # linear LR warm-up; the quantizer is bypassed as long (at most half the run),
     # then its codebooks start from the encoder's outputs: young codebooks otherwise collapse
     grad_clip: float = 1000.0  # max grad norm of each optimizer's parameters
@@ -251,6 +252,7 @@ class CodecTrainConfig:
         _check(self.num_workers >= 0, "codec_train.num_workers cannot be negative")
         _check(self.max_steps >= 1, "codec_train.max_steps must be at least 1")
         _check(self.lr > 0 and 0 < self.lr_decay <= 1, "need codec_train.lr > 0 and 0 < lr_decay <= 1")
+        _check(0 <= self.lr_cooldown <= 1, "codec_train.lr_cooldown is a share of max_steps: 0 to 1")
         _check(self.grad_clip > 0, "codec_train.grad_clip must be positive")
         _check(self.warmup_steps >= 0, "codec_train.warmup_steps cannot be negative")
         known = {"mel/loss", "stft/loss", "vq/commitment", "vq/codebook", "adv/gen", "adv/feat"}

@@ -19,7 +19,8 @@ from data_pipeline.shards import write_tar
 from s2train.cli import run_stage
 from s2train.config import CodecTrainConfig, S2Config
 from s2train.models.codec import load_codec
-from s2train.training.codec_data import CropStream, index_shards, split_heldout
+from s2train.training.codec_data import CropStream, index_shards, read_audio, read_crop, split_heldout
+from s2train.training.codec_module import lr_factor
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -84,6 +85,45 @@ def test_crops_are_deterministic_and_heldout_is_never_trained(clean_dir):
     assert all(a.shape == (1, 4000) and (a == b).all() for a, b in zip(first, again))
     other = next(iter(CropStream(train, 16000, 4000, seed=3, stream=10)))
     assert not (other == first[0]).all()
+
+
+def test_a_crop_is_a_stretch_of_the_utterance_at_the_codec_rate(clean_dir, tmp_path):
+    (item, *_), rng = index_shards(clean_dir / "shards"), np.random.default_rng(0)
+    whole = read_audio(item, 16000)
+    for _ in range(3):  # only the stretch is decoded, and it is where the whole utterance has it
+        crop = read_crop(item, 16000, 4000, rng)
+        windows = np.lib.stride_tricks.sliding_window_view(whole, 4000)
+        assert crop.shape == (4000,) and np.abs(windows - crop).max(axis=1).min() < 1e-6
+    longer = read_crop(item, 16000, len(whole) + 500, rng)  # zero-padded past the utterance's end
+    assert np.array_equal(longer[: len(whole)], whole) and not longer[len(whole) :].any()
+    # a shard at another rate: the crop is resampled to exactly the codec's samples
+    wav = synthesize("awb", SENTENCES[0], 22050)
+    write_tar(tmp_path / "shards" / "clean-000000.tar", [("u.flac", _flac(wav, 22050))])
+    (other,) = index_shards(tmp_path / "shards")
+    crop = read_crop(other, 16000, 4000, rng)
+    assert crop.shape == (4000,) and crop.dtype == np.float32 and np.abs(crop).max() > 0.01
+
+
+def test_the_learning_rate_warms_up_decays_and_cools_down_to_zero():
+    plain = CodecTrainConfig(max_steps=1000, warmup_steps=100, lr_decay=0.999)
+    assert lr_factor(plain, 0) == pytest.approx(0.01) and lr_factor(plain, 99) == pytest.approx(0.999**99)
+    assert lr_factor(plain, 999) == pytest.approx(0.999**999)  # no cool-down: DAC's decay alone
+    cool = CodecTrainConfig(max_steps=1000, warmup_steps=100, lr_decay=1.0, lr_cooldown=0.2)
+    assert [lr_factor(cool, s) for s in (500, 800, 900, 1000)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="lr_cooldown"):
+        CodecTrainConfig(lr_cooldown=1.5)
+
+
+def test_metrics_are_logged_every_log_every_updates(clean_dir, tmp_path):
+    run_dir = tmp_path / "sparse"
+    results = run_stage(
+        _config(run_dir, clean_dir, max_steps=6, log_every=3, warmup_steps=2, dead_code_every=2, preview_every=0)
+    )
+    (rows,) = _metrics(run_dir)
+    assert [int(r["step"]) for r in rows if r.get("mel/loss")] == [2, 5]  # Lightning counts from 0
+    # a restart's count is written on its own step only, not repeated on later rows
+    assert [int(r["step"]) for r in rows if r.get("vq/restarted")] == [3, 5]
+    assert math.isfinite(results["final_losses"]["mel/loss"]) and len(results["codebook_perplexity"]) == 4
 
 
 def test_training_lowers_the_loss_resumes_and_writes_a_codec(clean_dir, tmp_path):

@@ -67,13 +67,30 @@ def read_metadata(item: Utterance) -> dict:
         return json.load(member)
 
 
-def read_audio(item: Utterance, sample_rate: int) -> np.ndarray:
-    """One utterance as float32 mono samples (T,) at ``sample_rate`` (soxr when the shard's rate differs)."""
+def _payload(item: Utterance) -> io.BytesIO:
     with open(item.shard, "rb") as f:
         f.seek(item.offset)
-        payload = f.read(item.size)
-    wav, rate = sf.read(io.BytesIO(payload), dtype="float32", always_2d=True)
+        return io.BytesIO(f.read(item.size))
+
+
+def read_audio(item: Utterance, sample_rate: int) -> np.ndarray:
+    """One utterance as float32 mono samples (T,) at ``sample_rate`` (soxr when the shard's rate differs)."""
+    wav, rate = sf.read(_payload(item), dtype="float32", always_2d=True)
     return resample(wav.mean(axis=1), rate, sample_rate)
+
+
+def read_crop(item: Utterance, sample_rate: int, segment: int, rng: np.random.Generator) -> np.ndarray:
+    """A random ``segment``-sample stretch of one utterance at ``sample_rate`` (zero-padded when it is
+    shorter). Only the stretch is decoded: FLAC seeks to it, so a crop costs the same whatever the
+    utterance's length."""
+    with sf.SoundFile(_payload(item)) as f:
+        rate, frames = f.samplerate, f.frames
+        need = -(-segment * rate // sample_rate)  # source samples that resample to ``segment``
+        if frames > need:
+            f.seek(int(rng.integers(0, frames - need + 1)))
+        wav = f.read(min(need, frames), dtype="float32", always_2d=True)
+    wav = resample(wav.mean(axis=1), rate, sample_rate)[:segment]
+    return np.pad(wav, (0, segment - len(wav)))
 
 
 class CropStream(IterableDataset):
@@ -103,10 +120,5 @@ class CropStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.stream, reader])
         while True:
             for i in rng.permutation(len(mine)):
-                wav = read_audio(mine[i], self.sample_rate)
-                if len(wav) >= self.segment:
-                    start = int(rng.integers(0, len(wav) - self.segment + 1))
-                    wav = wav[start : start + self.segment]
-                else:
-                    wav = np.pad(wav, (0, self.segment - len(wav)))
+                wav = read_crop(mine[i], self.sample_rate, self.segment, rng)
                 yield torch.from_numpy(np.ascontiguousarray(wav))[None]  # (1, segment)

@@ -121,7 +121,8 @@ def run(cfg: S2Config) -> dict:
     per_batch = module.steps_per_batch
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
-        filename="step-{step}",
+        filename="step-{step:06d}",
+        auto_insert_metric_name=False,
         every_n_train_steps=t.checkpoint_every * per_batch,
         save_top_k=-1,
         save_last=True,
