@@ -117,7 +117,9 @@ def test_the_learning_rate_warms_up_decays_and_cools_down_to_zero():
 def test_metrics_are_logged_every_log_every_updates(clean_dir, tmp_path):
     run_dir = tmp_path / "sparse"
     results = run_stage(
-        _config(run_dir, clean_dir, max_steps=6, log_every=3, warmup_steps=2, dead_code_every=2, preview_every=0)
+        _config(
+            run_dir, clean_dir, max_steps=6, log_every=3, warmup_steps=2, dead_code_every=2, preview_every=0
+        )
     )
     (rows,) = _metrics(run_dir)
     assert [int(r["step"]) for r in rows if r.get("mel/loss")] == [2, 5]  # Lightning counts from 0
