@@ -21,4 +21,4 @@ def test_demo_codec_keeps_heldout_speech_intelligible(demo_root, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["wer_utterances"] >= 3
     assert results["wer_delta"] <= 15, results
-    assert results["heldout_mel_distance"] < 0.6, results
+    assert results["heldout_mel_distance"] < 0.2, results  # 0.154 measured
