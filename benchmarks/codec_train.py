@@ -6,8 +6,8 @@ obvious way, in one process.
   same crops. Ours: ``CodecModule`` inside ``L.Trainer`` (CPU, a CSV logger as the stage has, no
   checkpoints), fed by a ``DataLoader`` over ``CropStream``, which reads every crop from the FLAC
   shards. Plain: a loop over the same crops, read into memory before timing, that runs the module's
-  codec and loss modules, ``clip_grad_norm_``, the same fused AdamW and ``lr_factor`` schedule, and the
-  same codebook init and dead-code restarts. ``ratio`` = ours / plain in steps per second (below 1:
+  losses (``reconstruction_terms``), ``clip_grad_norm_``, the same fused AdamW and ``lr_factor``
+  schedule, and the same codebook init and restarts (``tend_codebooks``). ``ratio`` = ours / plain in steps per second (below 1:
   the framework, the logging and the data reading cost that fraction). The first ``--warmup`` steps of
   each run are not timed; the quantizer is on from step ``--vq-start``.
 - **crop**: ``read_crop`` (decode only the crop's stretch of the FLAC) against ``read_audio`` and a
@@ -131,25 +131,17 @@ def run_plain(codec, train, items, seed, run_dir: Path, warmup: int) -> list[flo
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(0.8, 0.99), fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, train))
-    vq_start = max(1, min(train.warmup_steps, train.max_steps // 2))
     start, ends = time.perf_counter(), []
     for step, wav in enumerate(batches, start=1):
-        out = model(wav, bypass_quantizer=step - 1 < vq_start)
-        total = (
-            module.loss_weights["mel/loss"] * module.mel_loss(out["audio"], wav)
-            + module.loss_weights["stft/loss"] * module.stft_loss(out["audio"], wav)
-            + module.loss_weights["vq/commitment"] * out["commitment_loss"]
-            + module.loss_weights["vq/codebook"] * out["codebook_loss"]
-        )
+        out = model(wav, bypass_quantizer=step - 1 < module.vq_start)
+        terms = module.reconstruction_terms(wav, out)
+        total = sum(module.loss_weights[name] * value for name, value in terms.items())
         optimizer.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
         optimizer.step()
         schedule.step()
-        if step == vq_start:
-            model.quantizer.init_from_recent()
-        elif train.dead_code_every and step % train.dead_code_every == 0 and step > vq_start:
-            model.restart_dead_codes()
+        module.tend_codebooks(step)
         ends.append(time.perf_counter())
     return step_times(ends, start, warmup)
 

@@ -119,19 +119,43 @@ class CodecModule(L.LightningModule):
         )
         optimizer.step()
 
+    @property
+    def vq_start(self) -> int:
+        """The codec update from which the quantizer is on. During the learning-rate warm-up the decoder
+        gets the encoder's latent unquantised: codebooks drawn from a young encoder's near-constant output
+        collapse to a code or two, and then nothing reaches the decoder. At the end of the warm-up (at
+        most half the run: a short run must still train its codebooks) they start from the trained
+        encoder's outputs (``tend_codebooks``)."""
+        return max(1, min(self.train_cfg.warmup_steps, self.train_cfg.max_steps // 2))
+
+    def reconstruction_terms(self, wav: Tensor, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The unweighted reconstruction and quantizer losses of the codec's output ``out`` for ``wav``."""
+        return {
+            "mel/loss": self.mel_loss(out["audio"], wav),
+            "stft/loss": self.stft_loss(out["audio"], wav),
+            "vq/commitment": out["commitment_loss"],
+            "vq/codebook": out["codebook_loss"],
+        }
+
+    def tend_codebooks(self, done: int) -> int | None:
+        """After codec update ``done``: the codebooks' data-dependent init at ``vq_start`` (centred z_e,
+        rows drawn from the recent batches: without it one code wins every frame and the quantizer
+        collapses to perplexity 1 within a few steps), then a dead-code restart every
+        ``dead_code_every`` updates. Returns the number of codes restarted, or None when none were due."""
+        every = self.train_cfg.dead_code_every
+        if done == self.vq_start:
+            self.codec.quantizer.init_from_recent()
+        elif every and done % every == 0 and done > self.vq_start:
+            return self.codec.restart_dead_codes()
+        return None
+
     def training_step(self, wav: Tensor, batch_idx: int) -> None:
         """One codec update (and one discriminator update before it) on crops ``wav`` (B, 1, T)."""
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         schedulers = self.lr_schedulers()
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        # During the learning-rate warm-up the decoder gets the encoder's latent unquantised: codebooks
-        # drawn from a young encoder's near-constant output collapse to a code or two, and then nothing
-        # reaches the decoder. At the end of the warm-up the codebooks start from the trained encoder's
-        # outputs (init_from_recent below).
-        # (at most half the run: a short run must still train its codebooks)
-        vq_start = max(1, min(self.train_cfg.warmup_steps, self.train_cfg.max_steps // 2))
-        out = self.codec(wav, bypass_quantizer=self.step < vq_start)
+        out = self.codec(wav, bypass_quantizer=self.step < self.vq_start)
         recon = out["audio"]  # (B, 1, T)
         logs: dict[str, Tensor] = {}
         if self.discriminator is not None:
@@ -139,12 +163,7 @@ class CodecModule(L.LightningModule):
             disc_loss = discriminator_loss(self.discriminator(wav), self.discriminator(recon.detach()), kind)
             self._update(optimizers[1], disc_loss)
             logs["adv/disc"] = disc_loss.detach()
-        terms = {
-            "mel/loss": self.mel_loss(recon, wav),
-            "stft/loss": self.stft_loss(recon, wav),
-            "vq/commitment": out["commitment_loss"],
-            "vq/codebook": out["codebook_loss"],
-        }
+        terms = self.reconstruction_terms(wav, out)
         if self.discriminator is not None:
             with torch.no_grad():
                 real = self.discriminator(wav)
@@ -165,13 +184,9 @@ class CodecModule(L.LightningModule):
             self.last_losses = {name: float(value) for name, value in logs.items() if "/" in name}
             self.log_dict(logs, on_step=True, on_epoch=False)
             self.log("lr", schedulers[0].get_last_lr()[0], on_step=True, on_epoch=False)
-        every = self.train_cfg.dead_code_every
-        if done == vq_start:
-            # Data-dependent init (centred z_e, codebook rows drawn from the recent batches): without it one
-            # code wins every frame and the quantizer collapses to perplexity 1 within a few steps.
-            self.codec.quantizer.init_from_recent()
-        elif every and done % every == 0 and done > vq_start:
-            self._log_once({"vq/restarted": float(self.codec.restart_dead_codes())})
+        restarted = self.tend_codebooks(done)
+        if restarted is not None:
+            self._log_once({"vq/restarted": float(restarted)})
         if self.train_cfg.preview_every and done % self.train_cfg.preview_every == 0:
             self._log_once({"heldout/mel": self.write_previews(done)})
 
