@@ -6,9 +6,9 @@ cd "$(dirname "$0")"
 SUDO=""
 if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO="sudo"; fi
 
-if ! command -v flite >/dev/null || ! command -v espeak-ng >/dev/null; then
+if ! command -v flite >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends flite espeak-ng git >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends flite espeak-ng ffmpeg git >/dev/null
 fi
 
 PIP="python -m pip"

@@ -44,7 +44,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from data_pipeline.demo_corpus import synthesize
-from data_pipeline.shards import write_tar
+from s2train.shards import write_tar
 from s2train.config import CodecTrainConfig
 from s2train.models.codec import CodecConfig
 from s2train.training.codec_data import CropStream, index_shards, read_audio, read_crop

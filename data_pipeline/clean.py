@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.shards import UnitLedger, write_tar
+from data_pipeline.shards import UnitLedger
+from s2train.shards import write_tar
 from data_pipeline.sources import SourceItem, list_items
 from s2train.audio import flac_bytes, read_excerpt, stream_mono
 from s2train.config import S2Config

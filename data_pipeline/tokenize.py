@@ -25,7 +25,8 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from data_pipeline.shards import UnitLedger, read_tar, write_tar
+from data_pipeline.shards import UnitLedger
+from s2train.shards import read_tar, write_tar
 from s2train.audio import resample
 from s2train.compat.fish_codec import load_fish_codec
 from s2train.config import S2Config

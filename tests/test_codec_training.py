@@ -15,7 +15,7 @@ import soundfile as sf
 from omegaconf import OmegaConf
 
 from data_pipeline.demo_corpus import synthesize
-from data_pipeline.shards import write_tar
+from s2train.shards import write_tar
 from s2train.cli import run_stage
 from s2train.config import CodecTrainConfig, S2Config
 from s2train.models.codec import load_codec

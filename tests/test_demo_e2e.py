@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from data_pipeline.shards import read_tar
+from s2train.shards import read_tar
 from s2train.models.codec import load_codec
 from tests.conftest import read_jsonl
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data_pipeline.shards import write_tar
+from s2train.shards import write_tar
 from s2train.config import LMDataConfig
 from s2train.text.prompt import build_prompt, inputs_and_labels
 from s2train.text.tokenizer import ByteTokenizer

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_pipeline.shards import read_tar
+from s2train.shards import read_tar
 from s2train.config import LMDataConfig
 from s2train.text.prompt import IGNORE, build_prompt, inputs_and_labels
 from s2train.text.tokenizer import TextTokenizer
