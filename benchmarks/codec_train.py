@@ -44,11 +44,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from data_pipeline.demo_corpus import synthesize
-from s2train.shards import write_tar
-from s2train.config import CodecTrainConfig
 from s2train.models.codec import CodecConfig
+from s2train.shards import write_tar
 from s2train.training.codec_data import CropStream, index_shards, read_audio, read_crop
-from s2train.training.codec_module import CodecModule, lr_factor
+from s2train.training.codec_module import CodecModule, CodecTrainConfig, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = [

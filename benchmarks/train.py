@@ -72,12 +72,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from s2train.config import LMTrainConfig
 from s2train.models.dual_ar import DualAR, DualARConfig, s2pro, small, tiny
 from s2train.text.prompt import IGNORE, build_prompt, inputs_and_labels
 from s2train.text.tokenizer import ByteTokenizer
 from s2train.training.lm_data import Collate, PackedSequence, Segment, pack_segments
-from s2train.training.lm_module import DualARModule, apply_activation_checkpointing
+from s2train.training.lm_module import DualARModule, LMTrainConfig, apply_activation_checkpointing
 from s2train.training.pretrain_stage import fit_model_to_data
 
 PRESETS = {"tiny": tiny, "small": small}

@@ -25,16 +25,16 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from data_pipeline.shards import UnitLedger
-from s2train.shards import write_tar
 from data_pipeline.sources import SourceItem, list_items
 from s2train.audio import flac_bytes, read_excerpt, stream_mono
-from s2train.config import S2Config
+from s2train.checks import check
 from s2train.judges.asr import build_asr, transcript_checks
 from s2train.judges.captioner import RuleCaptioner
 from s2train.judges.quality import QualityJudge
@@ -42,6 +42,23 @@ from s2train.judges.speaker import SpeakerJudge
 from s2train.judges.vad import SAMPLE_RATE as JUDGE_RATE
 from s2train.judges.vad import Segment, SileroVAD, plan_segments, speech_regions
 from s2train.runs import atomic_path, write_json_atomic, write_text_atomic
+from s2train.shards import write_tar
+
+if TYPE_CHECKING:
+    from s2train.config import S2Config
+
+
+@dataclass
+class CleanConfig:
+    sample_rate: int = 44100  # of the audio in the clean shards
+    files_per_shard: int = 16  # a unit of work: this many input files -> one shard + one marker
+    block_s: float = 60.0  # decode this much at a time, so memory does not grow with file length
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.files_per_shard >= 1, "clean.files_per_shard must be at least 1")
+        check(self.sample_rate >= 8000, "clean.sample_rate must be at least 8000")
+
 
 PIPELINE_VERSION = "clean-1"
 STAGE_ORDER = ("decode", "vad", "quality", "speaker", "asr")

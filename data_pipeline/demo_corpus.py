@@ -22,15 +22,36 @@ import json
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
 
 from s2train.audio import resample
-from s2train.config import S2Config
+from s2train.checks import check
 from s2train.runs import atomic_path, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from s2train.config import S2Config
+
+
+@dataclass
+class DemoCorpusConfig:
+    sample_rate: int = 16000
+    recordings_per_voice: int = 1
+    min_recording_s: float = 20.0
+    max_recording_s: float = 40.0
+    long_recording_s: float = 45.0  # one recording longer than max_segment_s, to exercise splitting
+    calibrate: bool = True  # measure DNSMOS on the good recordings and write a demo threshold
+
+    def __post_init__(self) -> None:
+        check(
+            20.0 <= self.min_recording_s <= self.max_recording_s <= 60.0,
+            "demo_corpus recordings must be 20-60 s long",
+        )
+
 
 SENTENCES = Path(__file__).parent / "sentences"
 NOISE_FLOOR = 3e-4  # about -70 dBFS of white noise under everything

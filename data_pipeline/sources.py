@@ -19,12 +19,38 @@ import glob
 import json
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 from s2train.audio import ArrayReader, AudioReader, SoundFileReader
-from s2train.config import DataConfig
+from s2train.checks import check
+
+
+@dataclass
+class DataConfig:
+    """Where raw audio comes from and which part of it this process takes."""
+
+    source: str = "folder"  # folder | hf | webdataset
+    path: str | None = None  # a folder, a `datasets.save_to_disk` folder, or a folder/glob of .tar
+    extensions: list[str] = field(
+        default_factory=lambda: ["wav", "flac", "ogg", "mp3", "opus", "aiff", "aif", "au"]
+    )
+    audio_column: str = "audio"  # hf: the column of audio (decoded or not)
+    lang: str | None = None  # language of every file when the source does not say
+    partition: int = 0  # this process's share: partition i of num_partitions
+    num_partitions: int = 1
+
+    def __post_init__(self) -> None:
+        check(
+            self.source in ("folder", "hf", "webdataset"),
+            f"data.source must be folder, hf or webdataset, not {self.source!r}",
+        )
+        check(self.num_partitions >= 1, "data.num_partitions must be at least 1")
+        check(
+            0 <= self.partition < self.num_partitions,
+            f"data.partition={self.partition} is outside 0..{self.num_partitions - 1}",
+        )
 
 
 @dataclass

@@ -18,7 +18,9 @@ import io
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
@@ -26,12 +28,26 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.shards import UnitLedger
-from s2train.shards import read_tar, write_tar
 from s2train.audio import resample
+from s2train.checks import check
 from s2train.compat.fish_codec import load_fish_codec
-from s2train.config import S2Config
 from s2train.models.codec import Codec, load_codec
 from s2train.runs import write_json_atomic, write_text_atomic
+from s2train.shards import read_tar, write_tar
+
+if TYPE_CHECKING:
+    from s2train.config import S2Config
+
+
+@dataclass
+class TokenizeConfig:
+    codec: str | None = None  # our codec checkpoint (.pt from save_codec) or a released S2 Pro codec folder
+    input: str | None = None  # a clean run directory; None: run_root/name/clean
+    batch_size: int = 8  # utterances encoded together (sorted by length, so padding stays small)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "tokenize.batch_size must be at least 1")
 
 
 def open_codec(spec: str | None) -> tuple[Codec, str]:

@@ -29,7 +29,9 @@ import dataclasses
 import json
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
@@ -38,8 +40,67 @@ from tqdm import tqdm
 from eval import report, seedtts
 from eval.meta import MetaItem, present, read_meta
 from s2train.audio import resample
-from s2train.config import ASRConfig, S2Config, WhisperConfig
+from s2train.checks import check
+from s2train.judges.asr import ASRConfig, WhisperConfig
 from s2train.runs import jsonl_lines, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from s2train.config import S2Config
+
+
+@dataclass
+class EvalConfig:
+    """``stage=eval``: the Seed-TTS-Eval harness (``eval.stage``). ``mode=seedtts`` reads a meta list and
+    scores ``<gen_dir>/<utt>.wav`` of any system, or first generates them with the inference engine (the
+    model, codec and sampling of ``synthesize``); ``mode=transcripts`` scores stored ASR outputs
+    (``input``: JSONL of utt, lang, ref, hyp). ``profile`` picks the rules: ``official`` (the Seed-TTS-Eval
+    scripts), ``f5`` (F5-TTS's harness), ``demo`` (the official text rules with the offline judges)."""
+
+    mode: str = "seedtts"  # seedtts | transcripts
+    profile: str = "official"  # official | f5 | demo
+    meta: str | None = None  # a Seed-TTS-Eval meta.lst: utt|prompt_text|prompt_wav|target_text[|gt_wav]
+    lang: str = "en"  # the meta list's language: en | zh
+    test_set: str | None = None  # the published rows to compare with: test-en | test-zh | test-hard;
+    # None: test-en or test-zh by lang
+    gen_dir: str | None = None  # score this folder of <utt>.wav; None: generate into run_dir/generate/wav
+    input: str | None = None  # mode=transcripts: the JSONL file
+    limit: int | None = None  # the first N utterances of the meta list only
+    ground_truth: bool = True  # also score the gt_wav of 5-field lines, as the ground-truth row
+    asr: str = "auto"  # auto (the profile's) | whisper | paraformer | pocketsphinx
+    whisper: str | None = None  # a local openai-whisper large-v3 .pt; None: judges.asr.whisper.checkpoint
+    paraformer: str | None = None  # a local funasr paraformer-zh folder (the zh extra)
+    sim: str = "auto"  # auto (the profile's) | wavlm_ecapa | resemblyzer | speechbrain | none
+    sim_checkpoint: str | None = None  # wavlm_ecapa: UniSpeech's wavlm_large_finetune.pth
+    speechbrain: str | None = None  # sim=speechbrain: a local ECAPA folder; None: judges.speaker.checkpoint
+    dnsmos: bool = True  # DNSMOS (speechmos) of every utterance and its mean
+    published: str | None = None  # YAML of other systems' published figures; None: the packaged one
+    device: str = "auto"  # auto | cpu | cuda | cuda:<i>, for the ASR and SIM models
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check(
+            self.mode in ("seedtts", "transcripts"),
+            f"eval.mode must be seedtts or transcripts, not {self.mode!r}",
+        )
+        check(
+            self.profile in ("official", "f5", "demo"),
+            f"eval.profile must be official, f5 or demo, not {self.profile!r}",
+        )
+        check(self.lang in ("en", "zh"), f"eval.lang must be en or zh, not {self.lang!r}")
+        check(
+            self.test_set in (None, "test-en", "test-zh", "test-hard"),
+            f"eval.test_set must be test-en, test-zh or test-hard, not {self.test_set!r}",
+        )
+        check(
+            self.asr in ("auto", "whisper", "paraformer", "pocketsphinx"),
+            f"eval.asr must be auto, whisper, paraformer or pocketsphinx, not {self.asr!r}",
+        )
+        check(
+            self.sim in ("auto", "wavlm_ecapa", "resemblyzer", "speechbrain", "none"),
+            f"eval.sim must be auto, wavlm_ecapa, resemblyzer, speechbrain or none, not {self.sim!r}",
+        )
+        check(self.limit is None or self.limit >= 1, "eval.limit must be at least 1")
+
 
 JUDGE_RATE = 16000
 GENERATED, GROUND_TRUTH = "generated", "ground_truth"

@@ -9,14 +9,22 @@ import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from s2train.config import S2Config
 from s2train.runs import prepare_run_dir, stage_run_dir, write_json_atomic
 from s2train.stages import STAGES, stage_runner
+
+if TYPE_CHECKING:
+    from s2train.config import S2Config
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=list)  # run in this order, each in run_root/name/<stage>
 
 
 def dispatch(cfg: DictConfig) -> dict:

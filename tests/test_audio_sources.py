@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_pipeline.sources import list_items
+from data_pipeline.sources import DataConfig, list_items
 from s2train.audio import ArrayReader, SoundFileReader, flac_bytes, read_excerpt, resample, stream_mono
-from s2train.config import DataConfig
 
 
 def tone(seconds: float, rate: int, channels: int = 1) -> np.ndarray:

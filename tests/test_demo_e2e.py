@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 
-from s2train.shards import read_tar
 from s2train.models.codec import load_codec
+from s2train.shards import read_tar
 from tests.conftest import read_jsonl
 
 

@@ -159,8 +159,7 @@ def test_whisper_and_wavlm_ecapa_load_from_official_format_checkpoints(demo_set,
     import whisper
     from whisper.model import ModelDimensions, Whisper
 
-    from s2train.config import ASRConfig, WhisperConfig
-    from s2train.judges.asr import WhisperASR
+    from s2train.judges.asr import ASRConfig, WhisperASR, WhisperConfig
     from s2train.judges.sim_wavlm import TINY_ARCH, build_sim_model, save_checkpoint
 
     torch.manual_seed(0)
@@ -211,8 +210,9 @@ def test_official_profile_without_local_models_says_what_to_give(demo_set, tmp_p
 
 
 def test_a_launcher_rank_becomes_the_partition_unless_partitions_are_given(monkeypatch):
+    from data_pipeline.sources import DataConfig
     from eval.stage import with_launcher_share
-    from s2train.config import DataConfig, S2Config
+    from s2train.config import S2Config
 
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "8")

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from eval.wer import wer
-from s2train.config import ASRConfig, WhisperConfig
 from s2train.judges.asr import (
+    ASRConfig,
     PocketSphinxASR,
     Transcript,
+    WhisperConfig,
     build_asr,
     compression_ratio,
     max_ngram_repeat,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from s2train.config import CaptionerConfig
 from s2train.judges.asr import Word
 from s2train.judges.captioner import (
+    CaptionerConfig,
     RuleCaptioner,
     bin_word,
     count_syllables,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from s2train.audio import resample
-from s2train.config import QualityConfig
 from s2train.judges.quality import (
+    QualityConfig,
     QualityJudge,
     bandwidth_hz,
     clipping_ratio,

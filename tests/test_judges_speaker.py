@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from s2train.config import SpeakerConfig
-from s2train.judges.speaker import SpeakerJudge, windows_of
+from s2train.judges.speaker import SpeakerConfig, SpeakerJudge, windows_of
 
 A = "The morning train was late again, so we walked to the office."
 B = "The children played in the park until the sun went down."

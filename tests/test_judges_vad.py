@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from s2train.audio import ArrayReader, stream_mono
-from s2train.config import VADConfig
-from s2train.judges.vad import FRAME_S, Segment, SileroVAD, plan_segments, speech_regions
+from s2train.judges.vad import FRAME_S, Segment, SileroVAD, VADConfig, plan_segments, speech_regions
 
 
 def probs_for(pattern: list[tuple[float, float]]) -> np.ndarray:

@@ -14,10 +14,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from s2train.shards import write_tar
-from s2train.config import LMDataConfig
 from s2train.text.prompt import build_prompt, inputs_and_labels
 from s2train.text.tokenizer import ByteTokenizer
-from s2train.training.lm_data import Collate, TokenStream, open_token_source
+from s2train.training.lm_data import Collate, LMDataConfig, TokenStream, open_token_source
 
 K = 4  # codebooks
 TOK = ByteTokenizer(n_speakers=4, n_semantic=64)

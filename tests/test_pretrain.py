@@ -18,10 +18,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from s2train.config import LMTrainConfig, S2Config, TextConfig, register_configs
+from s2train.config import S2Config, register_configs
 from s2train.models.dual_ar import DualAR, DualARConfig
-from s2train.text.tokenizer import load_tokenizer
-from s2train.training.lm_module import parameter_groups, read_losses, warmup_cosine
+from s2train.text.tokenizer import TextConfig, load_tokenizer
+from s2train.training.lm_module import LMTrainConfig, parameter_groups, read_losses, warmup_cosine
 from s2train.training.pretrain_stage import LMDataModule, fit_model_to_data
 from tests.conftest import ROOT, run_cli
 

@@ -13,10 +13,12 @@ import soundfile as sf
 import torch
 
 from s2train.cli import run_stage
-from s2train.config import S2Config, SynthesizeConfig, TextConfig
+from s2train.config import S2Config
 from s2train.inference.sampling import SamplingParams
+from s2train.inference.synthesis import SynthesizeConfig
 from s2train.models.codec import load_codec
 from s2train.models.dual_ar import DualAR, tiny
+from s2train.text.tokenizer import TextConfig
 from s2train.training.pretrain_stage import save_model
 from tests.conftest import read_jsonl, run_cli
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from s2train.config import TextConfig
 from s2train.text.prompt import Prompt, Reference, build_prompt, inputs_and_labels
 from s2train.text.tokenizer import (
     SPECIAL_TOKENS,
     ByteTokenizer,
     HFTokenizer,
+    TextConfig,
     load_tokenizer,
     semantic_token,
     speaker_token,

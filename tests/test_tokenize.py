@@ -12,9 +12,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from s2train.shards import read_tar
 from data_pipeline.tokenize import open_codec
 from s2train.models.codec import load_codec
+from s2train.shards import read_tar
 from tests.conftest import kill_after_units, read_jsonl, run_cli
 
 

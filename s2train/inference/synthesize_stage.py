@@ -39,6 +39,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
@@ -49,13 +50,15 @@ from tqdm import tqdm
 from data_pipeline.tokenize import open_codec
 from s2train.audio import SoundFileReader, resample, to_mono
 from s2train.compat.fish_dual_ar import load_fish_dual_ar
-from s2train.config import S2Config
 from s2train.inference.engine import Generation, InferenceEngine, Request, speech_request
 from s2train.models.codec import Codec
 from s2train.models.dual_ar import DualAR, DualARConfig
 from s2train.runs import atomic_path, jsonl_lines, write_json_atomic, write_text_atomic
 from s2train.text.prompt import Reference
 from s2train.text.tokenizer import SPEAKER_TAG, HFTokenizer, TextTokenizer, load_tokenizer, speaker_token
+
+if TYPE_CHECKING:
+    from s2train.config import S2Config
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 REQUEST_KEYS = {"text", "id", "reference_audio", "reference_text", "speaker", "seed", "max_new_tokens"}

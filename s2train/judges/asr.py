@@ -17,7 +17,47 @@ from pathlib import Path
 
 import numpy as np
 
-from s2train.config import ASRConfig
+from s2train.checks import check
+
+
+@dataclass
+class WhisperConfig:
+    checkpoint: str | None = None  # a local openai-whisper .pt file; never a hub name
+    language: str | None = None  # None: detect
+    temperature: float = 0.0
+    beam_size: int | None = None
+
+
+@dataclass
+class ASRConfig:
+    backend: str = "pocketsphinx"  # pocketsphinx | whisper
+    whisper: WhisperConfig = field(default_factory=WhisperConfig)
+    # Filters for hallucinated or unusable transcripts; each one is a reject reason.
+    max_ngram_repeats: int = 4  # an n-gram (n = 1..4) repeated back to back more often than this
+    min_unique_word_ratio: float = 0.3  # unique words / words, checked from 8 words on
+    phantom_phrases: list[str] = field(
+        default_factory=lambda: [
+            "thank you for watching",
+            "thanks for watching",
+            "please subscribe",
+            "like and subscribe",
+            "subtitles by",
+            "amara.org",
+            "transcribed by",
+            "字幕",
+            "请不吝点赞",
+        ]
+    )
+    max_compression_ratio: float = 2.4
+    min_avg_logprob: float = -1.0  # whisper only: pocketsphinx scores are not log-probabilities
+    languages: list[str] = field(default_factory=list)  # keep only these languages; empty keeps all
+
+    def __post_init__(self) -> None:
+        check(
+            self.backend in ("pocketsphinx", "whisper"),
+            f"judges.asr.backend must be pocketsphinx or whisper, not {self.backend!r}",
+        )
+
 
 JUDGE_RATE = 16000
 

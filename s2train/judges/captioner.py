@@ -13,12 +13,18 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from s2train.config import CaptionerConfig
 from s2train.judges.asr import Word
+
+
+@dataclass
+class CaptionerConfig:
+    bins: str = "v1"  # s2train/judges/caption_bins/<bins>.json, or a path to such a file
+
 
 JUDGE_RATE = 16000
 BINS_DIR = Path(__file__).parent / "caption_bins"

@@ -7,12 +7,23 @@ Every score is stored with the segment; the keep rule compares each to its thres
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from s2train.config import QualityConfig
+
+@dataclass
+class QualityConfig:
+    dnsmos_ovrl_min: float = 3.0  # Emilia's keep rule
+    calibration: str | None = None  # a JSON file whose dnsmos_ovrl_min replaces the value above
+    dnsmos_hop_s: float = 1.0  # the reference DNSMOS script hops its 9 s window by 1 s
+    onnx_threads: int = 0  # 0: onnxruntime decides
+    snr_min_db: float = 15.0
+    clipping_max_ratio: float = 0.001  # fraction of samples at full scale
+    bandwidth_min_hz: float = 3500.0  # rejects telephone-band audio
+
 
 JUDGE_RATE = 16000
 DNSMOS_WINDOW_S = 9.01  # the input length of the DNSMOS models

@@ -14,12 +14,30 @@ than ``min_similarity``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from s2train.config import SpeakerConfig
+from s2train.checks import check
+
+
+@dataclass
+class SpeakerConfig:
+    backend: str = "resemblyzer"  # resemblyzer | speechbrain
+    checkpoint: str | None = None  # speechbrain: a local folder with hyperparams.yaml
+    window_s: float = 1.6
+    hop_s: float = 0.8
+    min_similarity: float = 0.5  # reject when two windows of one segment are less alike than this
+
+    def __post_init__(self) -> None:
+        check(
+            self.backend in ("resemblyzer", "speechbrain"),
+            f"judges.speaker.backend must be resemblyzer or speechbrain, not {self.backend!r}",
+        )
+        check(0 < self.hop_s <= self.window_s, "need 0 < speaker.hop_s <= speaker.window_s")
+
 
 JUDGE_RATE = 16000
 

@@ -15,7 +15,29 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from s2train.config import VADConfig
+from s2train.checks import check
+
+
+@dataclass
+class VADConfig:
+    """silero-vad frame probabilities, turned into speech regions, then into 3-30 s segments."""
+
+    threshold: float = 0.5  # a frame is speech above this probability
+    neg_threshold: float = 0.35  # ... and stays speech until it falls below this one
+    min_speech_s: float = 0.25  # shorter bursts are dropped
+    min_silence_s: float = 0.1  # shorter dips are bridged inside one region
+    pad_s: float = 0.1  # kept around each region
+    min_segment_s: float = 3.0
+    max_segment_s: float = 30.0
+    merge_gap_s: float = 1.0  # regions closer than this join one segment (while it fits max_segment_s)
+
+    def __post_init__(self) -> None:
+        check(0 < self.neg_threshold <= self.threshold < 1, "need 0 < vad.neg_threshold <= vad.threshold < 1")
+        check(
+            0 < self.min_segment_s < self.max_segment_s,
+            "need 0 < vad.min_segment_s < vad.max_segment_s",
+        )
+
 
 SAMPLE_RATE = 16000
 FRAME = 512  # samples per silero frame at 16 kHz (32 ms)

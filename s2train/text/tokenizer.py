@@ -19,11 +19,32 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor
 
-from s2train.config import TextConfig
+from s2train.checks import check
+
+
+@dataclass
+class TextConfig:
+    """The text tokenizer (``s2train.text.tokenizer``) and the prompt format that training and inference
+    share: ``byte`` (UTF-8 bytes, then the specials; nothing to download, the demo) or ``hf`` (a local
+    Hugging Face ``tokenizer.json``, e.g. the released S2 Pro's Qwen3 tokenizer)."""
+
+    kind: str = "byte"  # byte | hf
+    path: str | None = None  # hf: a folder with tokenizer.json, or the file
+    n_speakers: int = 4  # <|speaker:0|>..<|speaker:n-1|>: byte makes them, hf must hold at least these
+    n_semantic: int = 64  # semantic tokens = the codec's semantic codebook size (tiny 64, s2pro 4096)
+    system_turn: bool = True  # prompts without a reference open with upstream's system turn; false: none
+
+    def __post_init__(self) -> None:
+        check(self.kind in ("byte", "hf"), f"text.kind must be byte or hf, not {self.kind!r}")
+        check(self.kind != "hf" or bool(self.path), "text.kind=hf needs text.path (a tokenizer.json folder)")
+        check(self.n_speakers >= 1, "text.n_speakers must be at least 1")
+        check(self.n_semantic >= 1, "text.n_semantic must be at least 1")
+
 
 # The named special tokens, in the order of their ids (after the 256 bytes in ByteTokenizer).
 SPECIAL_TOKENS = (

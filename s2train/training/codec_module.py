@@ -13,6 +13,7 @@ of ``loss_weights``, and only the weighted ones add up to ``loss/total``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import soundfile as sf
 import torch
 from torch import Tensor
 
-from s2train.config import CodecTrainConfig
+from s2train.checks import check
 from s2train.models.codec import Codec, CodecConfig
 from s2train.training.audio_losses import LogMel, MultiResolutionSTFTLoss, MultiScaleMelLoss
 from s2train.training.discriminators import (
@@ -31,6 +32,81 @@ from s2train.training.discriminators import (
     feature_matching_loss,
     generator_loss,
 )
+
+
+@dataclass
+class CodecTrainConfig:
+    """``stage=codec``: train the RVQ codec on clean shards (see ``s2train.training.codec_stage``)."""
+
+    input: str | None = None  # a clean run directory; None: run_root/name/clean
+    segment_s: float = 0.64  # random crop length of every training item, in seconds
+    batch_size: int = 4
+    num_workers: int = 0  # dataloader worker processes (each takes its share of the utterances)
+    max_steps: int = 1000  # codec (generator) updates
+    lr: float = 3e-4  # AdamW, betas (0.8, 0.99), for the codec and the discriminator alike
+    lr_decay: float = 0.999996  # exponential decay per step (DAC)
+    lr_cooldown: float = 0.0  # the last this share of max_steps takes the lr linearly down to zero
+    warmup_steps: int = 100  # linear LR warm-up; the quantizer is bypassed as long (at most half the run),
+    # then its codebooks start from the encoder's outputs: young codebooks otherwise collapse
+    grad_clip: float = 1000.0  # max grad norm of each optimizer's parameters
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "mel/loss": 15.0,
+            "stft/loss": 1.0,
+            "vq/commitment": 0.25,
+            "vq/codebook": 1.0,
+            "adv/gen": 1.0,
+            "adv/feat": 2.0,
+        }
+    )
+    mel_windows: list[int] = field(default_factory=lambda: [512, 1024, 2048])  # FFT sizes of the mel loss
+    mel_bins: list[int] = field(default_factory=lambda: [40, 80, 160])  # mel bands, one per window
+    stft_windows: list[int] = field(default_factory=lambda: [512, 1024, 2048])  # STFT loss and discriminator
+    adversarial: bool = False  # add the period and STFT discriminators (adv/gen, adv/feat)
+    adv_loss: str = "hinge"  # hinge | lsgan
+    disc_periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
+    disc_width: int = 16  # channels of the discriminators' first layers
+    dead_code_every: int = 100  # restart unused codes every this many steps; 0: never
+    heldout_items: int = 2  # utterances set aside (by a hash of their key) for previews and the final score
+    preview_every: int = 500  # write reconstructions of the held-out items every this many steps; 0: never
+    checkpoint_every: int = 500  # Lightning checkpoint (and last.ckpt) every this many steps
+    log_every: int = 10
+    accelerator: str = "auto"  # cpu | gpu | auto
+    precision: str = "32-true"  # a Lightning precision: 32-true, bf16-mixed, ...
+    threads: int = 0  # torch intra-op threads on a CPU; 0 leaves torch's default
+    wandb: bool = False  # also log to Weights & Biases (offline unless WANDB_MODE is set)
+    wandb_project: str = "s2train"
+
+    def __post_init__(self) -> None:
+        check(self.segment_s > 0, "codec_train.segment_s must be positive")
+        check(self.batch_size >= 1, "codec_train.batch_size must be at least 1")
+        check(self.num_workers >= 0, "codec_train.num_workers cannot be negative")
+        check(self.max_steps >= 1, "codec_train.max_steps must be at least 1")
+        check(self.lr > 0 and 0 < self.lr_decay <= 1, "need codec_train.lr > 0 and 0 < lr_decay <= 1")
+        check(0 <= self.lr_cooldown <= 1, "codec_train.lr_cooldown is a share of max_steps: 0 to 1")
+        check(self.grad_clip > 0, "codec_train.grad_clip must be positive")
+        check(self.warmup_steps >= 0, "codec_train.warmup_steps cannot be negative")
+        known = {"mel/loss", "stft/loss", "vq/commitment", "vq/codebook", "adv/gen", "adv/feat"}
+        unknown = sorted(set(self.loss_weights) - known)
+        check(
+            not unknown,
+            f"codec_train.loss_weights has unknown keys {unknown}; the known ones are {sorted(known)}",
+        )
+        check(
+            len(self.mel_windows) == len(self.mel_bins) > 0,
+            "codec_train.mel_windows and mel_bins need the same, non-zero number of entries",
+        )
+        check(len(self.stft_windows) > 0, "codec_train.stft_windows cannot be empty")
+        check(
+            self.adv_loss in ("hinge", "lsgan"),
+            f"codec_train.adv_loss must be hinge or lsgan, not {self.adv_loss!r}",
+        )
+        check(self.heldout_items >= 1, "codec_train.heldout_items must be at least 1")
+        for name in ("dead_code_every", "preview_every"):
+            check(getattr(self, name) >= 0, f"codec_train.{name} cannot be negative")
+        for name in ("checkpoint_every", "log_every", "disc_width"):
+            check(getattr(self, name) >= 1, f"codec_train.{name} must be at least 1")
+
 
 RECONSTRUCTION_LOSSES = ("mel/loss", "stft/loss", "vq/commitment", "vq/codebook")
 ADVERSARIAL_LOSSES = ("adv/gen", "adv/feat")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -26,8 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from eval.wer import wer
-from s2train.config import ASRConfig, S2Config
-from s2train.judges.asr import build_asr
+from s2train.judges.asr import ASRConfig, build_asr
 from s2train.models.codec import save_codec
 from s2train.runs import checkpoint_step
 from s2train.training.codec_data import (
@@ -39,6 +39,9 @@ from s2train.training.codec_data import (
     split_heldout,
 )
 from s2train.training.codec_module import CodecModule
+
+if TYPE_CHECKING:
+    from s2train.config import S2Config
 
 PREVIEW_MAX_S = 10.0  # held-out utterances are cut to this length
 

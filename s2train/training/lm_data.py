@@ -54,10 +54,30 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from s2train.checks import check
 from s2train.shards import read_tar
-from s2train.config import LMDataConfig
 from s2train.text.prompt import IGNORE, build_prompt, inputs_and_labels
 from s2train.text.tokenizer import TextTokenizer
+
+
+@dataclass
+class LMDataConfig:
+    """Token shards -> packed Dual-AR training sequences (``s2train.training.lm_data``)."""
+
+    input: str | None = None  # a tokenize run dir, a folder or glob of token .tar, or a save_to_disk folder
+    max_len: int = 2048  # input positions of one packed sequence
+    overlong: str = "drop"  # an utterance longer than max_len: drop | cut (keep its first max_len positions)
+    shuffle: bool = True  # a seeded new order every epoch
+    loop: bool = True  # endless: every reader runs epoch after epoch (training); false: one pass
+    hf_rows_per_unit: int = 1024  # a save_to_disk dataset is split into units of this many rows
+
+    def __post_init__(self) -> None:
+        check(self.max_len >= 8, "lm_data.max_len must be at least 8")
+        check(
+            self.overlong in ("drop", "cut"), f"lm_data.overlong must be drop or cut, not {self.overlong!r}"
+        )
+        check(self.hf_rows_per_unit >= 1, "lm_data.hf_rows_per_unit must be at least 1")
+
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -25,9 +26,62 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from s2train.config import LMTrainConfig
+from s2train.checks import check
 from s2train.models.dual_ar import DualAR, DualARConfig
 from s2train.training.dual_ar_loss import dual_ar_loss, select_fast_rows
+
+
+@dataclass
+class LMTrainConfig:
+    """Training the Dual-AR model (``stage=pretrain``; later stages share it): optimisation, schedule,
+    precision, checkpoints and logging. The distribution strategy is the ``strategy`` group."""
+
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # packed sequences per device and step
+    num_workers: int = 0  # dataloader worker processes per rank (each one a data reader)
+    lr: float = 3e-4  # peak AdamW learning rate
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * this
+    warmup_steps: int = 100  # linear warm-up from 0, then cosine down to min_lr_ratio * lr at max_steps
+    weight_decay: float = 0.1  # matrices only: vectors (norms, biases) and embeddings get none
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"loss/slow": 1.0, "loss/fast": 1.0})
+    include_c0: bool = True  # also train fast output 0 on c0, as S2 does
+    activation_checkpointing: bool = False  # recompute every transformer block in the backward pass
+    accelerator: str = "auto"  # cpu | gpu | auto
+    devices: int = 1  # per node
+    num_nodes: int = 1
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU; or any Lightning precision
+    threads: int = 0  # torch intra-op threads on a CPU; 0 leaves torch's default
+    checkpoint_every: int = 500  # Lightning checkpoint (and last.ckpt) every this many steps
+    log_every: int = 10
+    progress: bool = True  # a progress bar
+    wandb: bool = False  # also log to Weights & Biases (offline unless WANDB_MODE is set)
+    wandb_project: str = "s2train"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "devices", "num_nodes", "checkpoint_every", "log_every"):
+            check(getattr(self, name) >= 1, f"train.{name} must be at least 1, not {getattr(self, name)}")
+        check(
+            self.num_workers >= 0 and self.threads >= 0,
+            "train.num_workers and train.threads cannot be negative",
+        )
+        check(self.lr > 0, "train.lr must be positive")
+        check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be between 0 and 1")
+        check(0 <= self.warmup_steps < self.max_steps, "train.warmup_steps must be below train.max_steps")
+        check(
+            self.weight_decay >= 0 and self.grad_clip >= 0,
+            "train.weight_decay and grad_clip cannot be negative",
+        )
+        check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas must be two values in [0, 1)",
+        )
+        unknown = set(self.loss_weights) - {"loss/slow", "loss/fast"}
+        check(
+            not unknown,
+            f"train.loss_weights has unknown keys {sorted(unknown)}; the keys are loss/slow, loss/fast",
+        )
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -27,6 +27,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -35,12 +36,14 @@ from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from s2train.config import S2Config
 from s2train.models.dual_ar import DualAR, DualARConfig
 from s2train.runs import checkpoint_step
 from s2train.text.tokenizer import TextTokenizer, load_tokenizer
 from s2train.training.lm_data import Collate, TokenStream, open_token_source
 from s2train.training.lm_module import DualARModule, plot_losses, read_losses
+
+if TYPE_CHECKING:
+    from s2train.config import S2Config
 
 
 def token_input(cfg: S2Config) -> str:
