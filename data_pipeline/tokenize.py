@@ -30,9 +30,9 @@ from tqdm import tqdm
 from data_pipeline.shards import UnitLedger
 from s2train.audio import resample
 from s2train.checks import check
-from s2train.compat.fish_codec import load_fish_codec
-from s2train.models.codec import Codec, load_codec
-from s2train.runs import write_json_atomic, write_text_atomic
+from s2train.checkpoints import open_codec
+from s2train.models.codec import Codec
+from s2train.runs import stage_input, write_json_atomic, write_text_atomic
 from s2train.shards import read_tar, write_tar
 
 if TYPE_CHECKING:
@@ -48,28 +48,6 @@ class TokenizeConfig:
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "tokenize.batch_size must be at least 1")
-
-
-def open_codec(spec: str | None) -> tuple[Codec, str]:
-    """``(codec, name)`` from our checkpoint file, a folder holding one (``codec.pt``), or a released
-    S2 Pro codec (a folder with ``codec.pth`` and its config, or the ``.pth`` itself)."""
-    if not spec:
-        raise ValueError(
-            "tokenize.codec is required: a codec checkpoint written by stage=codec (runs/<name>/codec/codec.pt) "
-            "or a folder with the released S2 Pro codec.pth"
-        )
-    path = Path(spec)
-    if path.is_dir():
-        if (path / "codec.pt").is_file():
-            return load_codec(path / "codec.pt"), path.name
-        if (path / "codec.pth").is_file():
-            return load_fish_codec(path).eval(), f"fish:{path.name}"
-        raise ValueError(f"{path} holds neither codec.pt (s2train) nor codec.pth (released S2 Pro codec)")
-    if not path.is_file():
-        raise ValueError(f"tokenize.codec={spec} does not exist")
-    if path.suffix == ".pth":
-        return load_fish_codec(path).eval(), f"fish:{path.stem}"
-    return load_codec(path), path.stem
 
 
 def _file_digest(spec: str) -> str:
@@ -114,7 +92,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def run(cfg: S2Config) -> dict:
     run_dir = Path(cfg.run_dir)
-    clean_dir = Path(cfg.tokenize.input or Path(cfg.run_root) / cfg.name / "clean")
+    clean_dir = stage_input(cfg, "clean", cfg.tokenize.input)
     shards = sorted((clean_dir / "shards").glob("*.tar"))
     if not shards:
         raise ValueError(

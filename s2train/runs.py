@@ -33,6 +33,12 @@ def stage_run_dir(cfg) -> Path:
     return Path(cfg.run_root) / cfg.name / cfg.stage
 
 
+def stage_input(cfg, stage: str, given: str | None = None) -> Path:
+    """The input a stage reads from an earlier one: ``given`` when the user set it, else that stage's run
+    directory in this experiment, ``run_root/name/<stage>``."""
+    return Path(given) if given else Path(cfg.run_root) / cfg.name / stage
+
+
 def git_commit() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(
@@ -107,14 +113,6 @@ def remove_stale_temporaries(folder: Path) -> int:
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return len(stale)
-
-
-def checkpoint_step(path: Path) -> int:
-    """Lightning's ``global_step`` in a checkpoint, read with ``weights_only=True`` and memory-mapped, so
-    a large checkpoint's tensors are not read for it."""
-    import torch
-
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def jsonl_lines(path: Path) -> Iterator[tuple[int, str, Any]]:

@@ -3,6 +3,7 @@ through the real CLI, exactly as a user runs them."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -11,7 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
+
+from s2train.shards import write_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -116,7 +121,8 @@ def codec_file(tmp_path_factory):
     """A random-weight ``tiny`` codec checkpoint (25 Hz, 1 x 64 + 3 x 32 codes)."""
     import torch
 
-    from s2train.models.codec import Codec, save_codec, tiny
+    from s2train.checkpoints import save_codec
+    from s2train.models.codec import Codec, tiny
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("codec") / "codec.pt"
@@ -138,3 +144,52 @@ def tokenized(demo_root, codec_file, tmp_path_factory):
         "tokenize.progress=false",
     )
     return run_dir
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_token_run(tmp_path_factory) -> Path:
+    """A tokenize run directory of 12 random utterances of two speakers: 4 codebooks of 64 / 32 codes."""
+    root = tmp_path_factory.mktemp("golden_tokens")
+    rng = np.random.default_rng(1234)
+    members = []
+    for i in range(12):
+        frames = int(rng.integers(20, 60))
+        codes = np.concatenate([rng.integers(0, 64, (1, frames)), rng.integers(0, 32, (3, frames))])
+        words = " ".join(f"w{int(x)}" for x in rng.integers(0, 50, int(rng.integers(3, 9))))
+        meta = {"id": f"u{i:03d}", "speaker": f"spk{i % 2}", "text": words, "lang": "en", "duration": 1.0}
+        members += [
+            (f"u{i:03d}.codes.npy", _npy(codes.astype(np.uint16))),
+            (f"u{i:03d}.json", json.dumps(meta).encode()),
+        ]
+    write_tar(root / "shards" / "tokens-000000.tar", members)
+    (root / "stats.json").write_text(json.dumps({"codebook_sizes": [64, 32, 32, 32]}))
+    return root
+
+
+def _flac(wav: np.ndarray, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, wav, rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_clean_run(tmp_path_factory) -> Path:
+    """A clean run directory of four 1.5 s utterances of seeded harmonic tones in noise, at 16 kHz."""
+    root = tmp_path_factory.mktemp("golden_clean")
+    rng = np.random.default_rng(99)
+    t = np.arange(24000) / 16000
+    members = []
+    for i in range(4):
+        f0 = 110.0 + 40.0 * i
+        wav = sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 6)) * 0.2
+        wav = (wav + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+        meta = {"id": f"c{i:03d}", "duration": 1.5, "sample_rate": 16000}
+        members += [(f"c{i:03d}.flac", _flac(wav, 16000)), (f"c{i:03d}.json", json.dumps(meta).encode())]
+    write_tar(root / "shards" / "clean-000000.tar", members)
+    return root

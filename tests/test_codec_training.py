@@ -15,9 +15,9 @@ import soundfile as sf
 from omegaconf import OmegaConf
 
 from data_pipeline.demo_corpus import synthesize
+from s2train.checkpoints import load_codec
 from s2train.cli import run_stage
 from s2train.config import S2Config
-from s2train.models.codec import load_codec
 from s2train.shards import write_tar
 from s2train.training.codec_data import CropStream, index_shards, read_audio, read_crop, split_heldout
 from s2train.training.codec_module import CodecTrainConfig, lr_factor

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from s2train.models.codec import load_codec
+from s2train.checkpoints import load_codec
 from s2train.shards import read_tar
 from tests.conftest import read_jsonl
 

@@ -12,17 +12,12 @@ the files and say why in the commit::
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-import soundfile as sf
 import torch
 
-from s2train.shards import write_tar
 from tests.conftest import read_jsonl, run_cli
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -38,37 +33,11 @@ def check_golden(name: str, observed: dict) -> None:
     assert observed == expected, f"{name} moved from {path}"
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def token_run(tmp_path_factory) -> Path:
-    """A tokenize run directory of 12 random utterances of two speakers: 4 codebooks of 64 / 32 codes."""
-    root = tmp_path_factory.mktemp("golden_tokens")
-    rng = np.random.default_rng(1234)
-    members = []
-    for i in range(12):
-        frames = int(rng.integers(20, 60))
-        codes = np.concatenate([rng.integers(0, 64, (1, frames)), rng.integers(0, 32, (3, frames))])
-        words = " ".join(f"w{int(x)}" for x in rng.integers(0, 50, int(rng.integers(3, 9))))
-        meta = {"id": f"u{i:03d}", "speaker": f"spk{i % 2}", "text": words, "lang": "en", "duration": 1.0}
-        members += [
-            (f"u{i:03d}.codes.npy", _npy(codes.astype(np.uint16))),
-            (f"u{i:03d}.json", json.dumps(meta).encode()),
-        ]
-    write_tar(root / "shards" / "tokens-000000.tar", members)
-    (root / "stats.json").write_text(json.dumps({"codebook_sizes": [64, 32, 32, 32]}))
-    return root
-
-
-def test_pretrain_losses_reproduce_the_golden_file(token_run, tmp_path):
+def test_pretrain_losses_reproduce_the_golden_file(tiny_token_run, tmp_path):
     run_dir = tmp_path / "pretrain"
     run_cli(
         "stage=pretrain",
-        f"lm_data.input={token_run}",
+        f"lm_data.input={tiny_token_run}",
         f"run_dir={run_dir}",
         "text.n_semantic=64",
         "lm_data.max_len=256",
@@ -85,34 +54,11 @@ def test_pretrain_losses_reproduce_the_golden_file(token_run, tmp_path):
     check_golden("pretrain_tiny", observed)
 
 
-def _flac(wav: np.ndarray, rate: int) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, wav, rate, format="FLAC", subtype="PCM_16")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def clean_run(tmp_path_factory) -> Path:
-    """A clean run directory of four 1.5 s utterances of seeded harmonic tones in noise, at 16 kHz."""
-    root = tmp_path_factory.mktemp("golden_clean")
-    rng = np.random.default_rng(99)
-    t = np.arange(24000) / 16000
-    members = []
-    for i in range(4):
-        f0 = 110.0 + 40.0 * i
-        wav = sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 6)) * 0.2
-        wav = (wav + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
-        meta = {"id": f"c{i:03d}", "duration": 1.5, "sample_rate": 16000}
-        members += [(f"c{i:03d}.flac", _flac(wav, 16000)), (f"c{i:03d}.json", json.dumps(meta).encode())]
-    write_tar(root / "shards" / "clean-000000.tar", members)
-    return root
-
-
-def test_codec_losses_reproduce_the_golden_file(clean_run, tmp_path):
+def test_codec_losses_reproduce_the_golden_file(tiny_clean_run, tmp_path):
     run_dir = tmp_path / "codec"
     run_cli(
         "stage=codec",
-        f"codec_train.input={clean_run}",
+        f"codec_train.input={tiny_clean_run}",
         f"run_dir={run_dir}",
         "codec_train.max_steps=6",
         "codec_train.warmup_steps=2",

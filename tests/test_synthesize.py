@@ -12,14 +12,13 @@ import pytest
 import soundfile as sf
 import torch
 
+from s2train.checkpoints import load_codec, save_dual_ar
 from s2train.cli import run_stage
 from s2train.config import S2Config
 from s2train.inference.sampling import SamplingParams
 from s2train.inference.synthesis import SynthesizeConfig
-from s2train.models.codec import load_codec
 from s2train.models.dual_ar import DualAR, tiny
 from s2train.text.tokenizer import TextConfig
-from s2train.training.pretrain_stage import save_model
 from tests.conftest import read_jsonl, run_cli
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "fish_s2"
@@ -30,7 +29,8 @@ def model_dir(tmp_path_factory) -> Path:
     """A pretrain-style run directory holding a random tiny model (byte tokenizer, 64 semantic tokens)."""
     folder = tmp_path_factory.mktemp("pretrain")
     torch.manual_seed(0)
-    save_model(DualAR(tiny()), folder)
+    model = DualAR(tiny())
+    save_dual_ar(model.config, model.state_dict(), folder)
     return folder
 
 

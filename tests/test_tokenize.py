@@ -12,8 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from data_pipeline.tokenize import open_codec
-from s2train.models.codec import load_codec
+from s2train.checkpoints import load_codec, open_codec
 from s2train.shards import read_tar
 from tests.conftest import kill_after_units, read_jsonl, run_cli
 

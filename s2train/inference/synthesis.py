@@ -1,11 +1,43 @@
-"""Texts (with voices, speakers and seeds) to audio through the inference engine and the codec."""
+"""Texts, with optional reference voices, speakers and seeds, to audio through the inference engine and
+the codec: the one synthesis call of ``stage=synthesize``, ``stage=eval``, GRPO rollouts and the server.
+
+``Synthesizer.open`` loads the model, codec and tokenizer through ``s2train.checkpoints`` and checks that
+they belong together; ``Synthesizer.speak`` turns ``Utterance`` s into ``Spoken`` audio with continuous
+batching (each reference clip is encoded once and its prompt prefix is shared through the engine's prefix
+cache); ``speak_to_folder`` writes ``<id>.wav`` + ``<id>.json`` per utterance atomically and skips the
+ones a previous run finished.
+
+    synth = Synthesizer.open(cfg.synthesize, cfg.text, model="runs/demo/pretrain", codec="runs/demo/codec")
+    for spoken in synth.speak([Utterance("hello", "Hello there.", seed=3)]):
+        spoken.audio  # float32 at synth.sample_rate
+"""
 
 from __future__ import annotations
 
+import json
+import re
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+from s2train.audio import SoundFileReader, resample, to_mono
+from s2train.checkpoints import open_codec, open_dual_ar
 from s2train.checks import check
+from s2train.inference.engine import Generation, InferenceEngine, Request, speech_request
 from s2train.inference.sampling import SamplingParams
+from s2train.models.codec import Codec
+from s2train.models.dual_ar import DualAR
+from s2train.runs import atomic_path, write_json_atomic
+from s2train.text.prompt import Reference
+from s2train.text.tokenizer import HFTokenizer, TextConfig, TextTokenizer, load_tokenizer
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # an utterance id names its files
 
 
 @dataclass
@@ -52,3 +84,281 @@ class SynthesizeConfig:
             f"synthesize.dtype must be auto, float32 or bfloat16, not {self.dtype!r}",
         )
         check(self.prefix_cache_mb >= 0 and self.threads >= 0, "synthesize.prefix_cache_mb and threads >= 0")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One thing to say: its text (``<|speaker:i|>`` tags allowed), optionally in the voice of a clip."""
+
+    id: str
+    text: str
+    reference: Path | None = None  # a clip, resolved and checked by the caller
+    reference_text: str | None = None
+    seed: int | None = None  # None: the engine's own draw
+    max_new_tokens: int | None = None  # None: the synthesizer's default
+
+
+@dataclass
+class Spoken:
+    utterance: Utterance
+    audio: np.ndarray  # (samples,) float32 at the codec's rate
+    generation: Generation
+
+
+def resolve_reference(name: str, base: Path, allowed: list[Path], request_id: str) -> Path:
+    """``name`` (relative to ``base``) resolved, links followed; it must be a file inside ``allowed``."""
+    path = Path(name).expanduser()
+    resolved = (path if path.is_absolute() else base / path).resolve()
+    if not any(resolved.is_relative_to(folder) for folder in allowed):
+        raise ValueError(
+            f"request {request_id}: reference_audio {name!r} resolves to {resolved}, which is outside the "
+            f"allowed folders {[str(f) for f in allowed]}; move the clip there or add its folder to "
+            "synthesize.reference_dirs"
+        )
+    if not resolved.is_file():
+        raise ValueError(f"request {request_id}: reference_audio {resolved} is not a file")
+    return resolved
+
+
+def read_reference(path: Path, codec: Codec) -> torch.Tensor:
+    """Codes (K, T) of a clip: decoded, averaged to mono, resampled to the codec's rate, encoded."""
+    try:
+        reader = SoundFileReader(path)
+    except (OSError, RuntimeError, sf.LibsndfileError) as error:
+        raise ValueError(f"cannot read the reference clip {path}: {error}") from error
+    try:
+        samples = to_mono(reader.read(0, reader.frames))
+        rate = reader.sample_rate
+    finally:
+        reader.close()
+    if len(samples) == 0:
+        raise ValueError(f"the reference clip {path} is empty")
+    audio = resample(samples, rate, codec.config.sample_rate)
+    weight = next(codec.parameters())
+    wav = torch.from_numpy(np.ascontiguousarray(audio)).to(weight.device, weight.dtype)
+    return codec.encode(wav, codec.config.sample_rate).cpu()
+
+
+def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``auto`` resolved: cuda when available, bfloat16 on CUDA and float32 on a CPU."""
+    name = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(name)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"synthesize.device={device} but CUDA is not available")
+    dtype = dtype if dtype != "auto" else ("bfloat16" if resolved.type == "cuda" else "float32")
+    return resolved, getattr(torch, dtype)
+
+
+def check_match(model: DualAR, tokenizer: TextTokenizer, codec: Codec) -> None:
+    """The model, tokenizer and codec were trained together: the same semantic ids and codebooks."""
+    m = model.config
+    if (m.semantic_begin_id, m.codebook_size) != (tokenizer.semantic_begin, tokenizer.n_semantic):
+        raise ValueError(
+            f"the model's semantic tokens start at id {m.semantic_begin_id} ({m.codebook_size} of them) but the "
+            f"tokenizer's at {tokenizer.semantic_begin} ({tokenizer.n_semantic}): use the text config the model "
+            "was trained with"
+        )
+    c = codec.config
+    if (c.n_codebooks, c.semantic_codebook_size) != (m.num_codebooks, m.codebook_size):
+        raise ValueError(
+            f"the codec makes {c.n_codebooks} codebooks ({c.semantic_codebook_size} semantic codes) but the "
+            f"model expects {m.num_codebooks} ({m.codebook_size}): use the codec the model was trained on"
+        )
+
+
+class Synthesizer:
+    """A model, its codec and tokenizer, and an engine over them."""
+
+    def __init__(
+        self,
+        model: DualAR,
+        codec: Codec,
+        tokenizer: TextTokenizer,
+        *,
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int = 1024,
+        batch_size: int = 8,
+        prefix_cache_mb: float = 512.0,
+        system_turn: bool = True,
+        cuda_graph: bool = False,
+        compile: bool = False,
+    ):
+        check_match(model, tokenizer, codec)
+        self.model, self.codec, self.tokenizer = model, codec, tokenizer
+        self.sampling = sampling or SamplingParams()
+        self.max_new_tokens, self.batch_size, self.system_turn = max_new_tokens, batch_size, system_turn
+        self.engine = InferenceEngine(
+            model,
+            tokenizer.token_id("<|im_end|>"),
+            max_batch=batch_size,
+            prefix_cache_mb=prefix_cache_mb,
+            cuda_graph=cuda_graph,
+            compile=compile,
+        )
+        self.codec_name = self.model_name = ""  # what Synthesizer.open loaded, for reports
+        self.references: dict[tuple[Path, str], Reference] = {}  # each clip is encoded once
+        self.reference_s = 0.0  # time spent encoding reference clips
+
+    @classmethod
+    def open(
+        cls, s: SynthesizeConfig, text: TextConfig, model: str | Path, codec: str | Path | None
+    ) -> Synthesizer:
+        """The synthesizer of ``s`` (device, dtype, engine settings) over the model and codec at these paths
+        (``s2train.checkpoints`` formats); a released model folder brings its own tokenizer unless
+        ``text.kind=hf`` names another."""
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        device, dtype = device_and_dtype(s.device, s.dtype)
+        if not codec:
+            raise ValueError(
+                "synthesize.codec is required: the codec.pt of stage=codec, or a released S2 Pro codec folder"
+            )
+        the_codec, codec_name = open_codec(codec, key="synthesize.codec")
+        the_codec = the_codec.to(device).eval()
+        the_model, release = open_dual_ar(
+            model, device=device, dtype=dtype, residual_codebook_size=the_codec.config.codebook_size
+        )
+        tokenizer = (
+            HFTokenizer(release) if release is not None and text.kind != "hf" else load_tokenizer(text)
+        )
+        synth = cls(
+            the_model,
+            the_codec,
+            tokenizer,
+            sampling=s.sampling,
+            max_new_tokens=s.max_new_tokens,
+            batch_size=s.batch_size,
+            prefix_cache_mb=s.prefix_cache_mb,
+            system_turn=text.system_turn,
+            cuda_graph=s.cuda_graph and device.type == "cuda",
+            compile=s.compile and device.type == "cpu",
+        )
+        synth.codec_name, synth.model_name = codec_name, str(model)
+        return synth
+
+    @property
+    def sample_rate(self) -> int:
+        return self.codec.config.sample_rate
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def request(self, u: Utterance) -> Request:
+        """The engine request of ``u``: its prompt, built by the prompt builder training uses."""
+        voices = []
+        if u.reference is not None:
+            key = (u.reference, u.reference_text or "")
+            if key not in self.references:
+                started = time.perf_counter()
+                self.references[key] = Reference(key[1], read_reference(u.reference, self.codec))
+                self.reference_s += time.perf_counter() - started
+            voices.append(self.references[key])
+        r = speech_request(
+            self.tokenizer,
+            u.text,
+            self.model.config.num_codebooks,
+            references=voices,
+            system_turn=self.system_turn,
+            max_new_tokens=u.max_new_tokens or self.max_new_tokens,
+            sampling=self.sampling,
+            seed=u.seed,
+        )
+        limit = self.model.config.max_seq_len
+        if r.prompt.shape[1] + r.max_new_tokens > limit:
+            raise ValueError(
+                f"request {u.id}: its {r.prompt.shape[1]}-position prompt (reference included) plus "
+                f"max_new_tokens={r.max_new_tokens} exceeds the model's max_seq_len {limit}; "
+                "use a shorter reference clip or fewer frames"
+            )
+        return r
+
+    @torch.no_grad()
+    def decode(self, generation: Generation) -> np.ndarray:
+        """The audio of a generation's codes (empty when it ended at once)."""
+        codes = generation.codes
+        if not codes.shape[1]:
+            return np.zeros(0, dtype=np.float32)
+        return self.codec.decode(codes.to(next(self.codec.parameters()).device))[0, 0].float().cpu().numpy()
+
+    def speak(self, utterances: Sequence[Utterance]) -> Iterator[Spoken]:
+        """Every utterance spoken, in the order they finish; prompts are built ``4 x batch_size`` at a time,
+        so memory stays bounded however many there are."""
+        chunk = self.batch_size * 4
+        for start in range(0, len(utterances), chunk):
+            part = utterances[start : start + chunk]
+            requests = [self.request(u) for u in part]
+            for step in self.engine.run(requests):
+                if step.done is not None:
+                    yield Spoken(part[step.index], self.decode(step.done), step.done)
+
+
+def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+    with atomic_path(path) as tmp:
+        sf.write(tmp, np.clip(audio, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
+
+
+def is_done(wav_dir: Path, u: Utterance) -> bool:
+    return (wav_dir / f"{u.id}.wav").is_file() and (wav_dir / f"{u.id}.json").is_file()
+
+
+def speak_to_folder(
+    synth: Synthesizer, utterances: Sequence[Utterance], wav_dir: Path, *, progress: bool = True
+) -> dict:
+    """Speak the utterances not yet in ``wav_dir`` into ``<id>.wav`` (16-bit PCM) and ``<id>.json`` (text,
+    frames, seconds, whether it ended on ``<|im_end|>``, reference, seed), each written atomically, the json
+    last, so a rerun skips exactly the finished ones. Returns the figures of this call."""
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    for u in utterances:
+        check(bool(SAFE_ID.match(u.id)), f"utterance id {u.id!r} must be 1-128 letters, digits, '_' or '-'")
+    todo = [u for u in utterances if not is_done(wav_dir, u)]
+    frames = stopped = 0
+    audio_s = 0.0
+    reference_before, started = synth.reference_s, time.perf_counter()
+    bar = tqdm(total=len(todo), desc="synthesize", unit="utt", disable=not progress)
+    for spoken in synth.speak(todo):
+        audio_s += _write(wav_dir, spoken, synth.sample_rate)
+        frames += spoken.generation.codes.shape[1]
+        stopped += int(spoken.generation.stopped)
+        bar.update(1)
+    bar.close()
+    synthesis_s = time.perf_counter() - started - (synth.reference_s - reference_before)
+    return {
+        "utterances": len(utterances),
+        "synthesized": len(todo),
+        "skipped_done": len(utterances) - len(todo),
+        "frames": frames,
+        "audio_s": round(audio_s, 3),
+        "synthesis_s": round(synthesis_s, 3),  # generation and decoding, without loading or references
+        "frames_per_s": round(frames / synthesis_s, 2) if todo and synthesis_s else 0.0,
+        "real_time_factor": round(synthesis_s / audio_s, 4) if audio_s else 0.0,
+        "ended_on_im_end": stopped,
+        "prefix_cache_hits": synth.engine.prefix_cache.hits,
+    }
+
+
+def manifest_rows(wav_dir: Path, utterances: Sequence[Utterance]) -> list[dict]:
+    """The ``<id>.json`` records of ``utterances``, in their order."""
+    return [json.loads((wav_dir / f"{u.id}.json").read_text(encoding="utf-8")) for u in utterances]
+
+
+def _write(wav_dir: Path, spoken: Spoken, rate: int) -> float:
+    """Write ``<id>.wav`` then ``<id>.json``; returns the seconds of audio."""
+    u, generation = spoken.utterance, spoken.generation
+    write_wav(wav_dir / f"{u.id}.wav", spoken.audio, rate)
+    seconds = len(spoken.audio) / rate
+    meta = {
+        "id": u.id,
+        "text": u.text,
+        "wav": f"wav/{u.id}.wav",
+        "frames": int(generation.codes.shape[1]),
+        "seconds": round(seconds, 3),
+        "sample_rate": rate,
+        "ended_on_im_end": generation.stopped,
+        "reference_audio": str(u.reference) if u.reference else None,
+        "reference_text": u.reference_text,
+        "prefix_cache_hit": generation.prefix_hit,
+        "seed": u.seed,
+    }
+    write_json_atomic(wav_dir / f"{u.id}.json", meta)
+    return seconds

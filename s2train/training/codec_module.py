@@ -72,7 +72,7 @@ class CodecTrainConfig:
     checkpoint_every: int = 500  # Lightning checkpoint (and last.ckpt) every this many steps
     log_every: int = 10
     accelerator: str = "auto"  # cpu | gpu | auto
-    precision: str = "32-true"  # a Lightning precision: 32-true, bf16-mixed, ...
+    precision: str = "32-true"  # a Lightning precision (32-true, bf16-mixed, ...) or auto: bf16-mixed on GPU
     threads: int = 0  # torch intra-op threads on a CPU; 0 leaves torch's default
     wandb: bool = False  # also log to Weights & Biases (offline unless WANDB_MODE is set)
     wandb_project: str = "s2train"

@@ -15,21 +15,18 @@ end ``codec.pt``, which ``stage=tokenize tokenize.codec=<run_dir>/codec.pt`` rea
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from eval.wer import wer
-from s2train.judges.asr import ASRConfig, build_asr
-from s2train.models.codec import save_codec
-from s2train.runs import checkpoint_step
+from s2train.audio import resample
+from s2train.checkpoints import save_codec
+from s2train.judges import JUDGE_RATE
+from s2train.judges.suite import JudgeSuite
+from s2train.judges.wer import wer
+from s2train.runs import stage_input
 from s2train.training.codec_data import (
     CropStream,
     Utterance,
@@ -39,6 +36,7 @@ from s2train.training.codec_data import (
     split_heldout,
 )
 from s2train.training.codec_module import CodecModule
+from s2train.training.trainer import TrainerSpec, build_trainer, checkpoint_step, fit, latest_checkpoint
 
 if TYPE_CHECKING:
     from s2train.config import S2Config
@@ -46,32 +44,11 @@ if TYPE_CHECKING:
 PREVIEW_MAX_S = 10.0  # held-out utterances are cut to this length
 
 
-def _loggers(cfg: S2Config, run_dir: Path) -> list:
-    loggers = [CSVLogger(save_dir=str(run_dir), name="logs")]
-    if cfg.codec_train.wandb:
-        os.environ.setdefault("WANDB_MODE", "offline")
-        try:
-            from lightning.pytorch.loggers import WandbLogger
-
-            loggers.append(
-                WandbLogger(
-                    project=cfg.codec_train.wandb_project,
-                    name=f"{cfg.name}-codec",
-                    save_dir=str(run_dir),
-                    id=f"{cfg.name}-codec-{cfg.seed}",  # the same run resumes its wandb run
-                    resume="allow",
-                )
-            )
-        except ModuleNotFoundError as error:
-            raise ValueError("codec_train.wandb=true needs wandb: pip install wandb") from error
-    return loggers
-
-
-def heldout_wer(module: CodecModule, items: list[Utterance], asr_cfg: ASRConfig) -> dict:
+def heldout_wer(module: CodecModule, items: list[Utterance], judges: JudgeSuite) -> dict:
     """ASR word error rate of the held-out utterances and of their reconstructions, against the clean
-    transcript, on the utterances whose language the ASR judge speaks. The gap is the codec's cost in
-    intelligibility: ``wer_delta`` points (reconstruction minus original)."""
-    asr = build_asr(asr_cfg)
+    transcript, on the utterances whose language the suite's ASR judge speaks. The gap is the codec's cost
+    in intelligibility: ``wer_delta`` points (reconstruction minus original)."""
+    asr = judges.asr
     metas = [read_metadata(u) for u in items]
     languages = getattr(asr, "languages", None)  # None: any language (whisper)
     chosen = [
@@ -81,8 +58,11 @@ def heldout_wer(module: CodecModule, items: list[Utterance], asr_cfg: ASRConfig)
     ]
     if not chosen:
         return {"wer_utterances": 0, "wer_note": f"no held-out utterance in {languages}"}
-    originals = [read_audio(u, module.codec.config.sample_rate) for u, _ in chosen]  # whole utterances
+    rate = module.codec.config.sample_rate
+    originals = [read_audio(u, rate) for u, _ in chosen]  # whole utterances
     recons = [module.reconstruct(w) for w in originals]
+    originals = [resample(w, rate, JUDGE_RATE) for w in originals]  # the judges hear 16 kHz
+    recons = [resample(w, rate, JUDGE_RATE) for w in recons]
     langs = [m["lang"] for _, m in chosen]
     refs = [m["text"] for _, m in chosen]
     hyp_orig = [t.text for t in asr(originals, langs)]
@@ -90,7 +70,7 @@ def heldout_wer(module: CodecModule, items: list[Utterance], asr_cfg: ASRConfig)
     original, recon = 100 * wer(refs, hyp_orig), 100 * wer(refs, hyp_recon)
     return {
         "wer_utterances": len(chosen),
-        "wer_asr": asr_cfg.backend,
+        "wer_asr": judges.cfg.asr.backend,
         "wer_original": round(original, 2),
         "wer_reconstruction": round(recon, 2),
         "wer_delta": round(recon - original, 2),
@@ -100,7 +80,7 @@ def heldout_wer(module: CodecModule, items: list[Utterance], asr_cfg: ASRConfig)
 def run(cfg: S2Config) -> dict:
     t = cfg.codec_train
     run_dir = Path(cfg.run_dir)
-    clean_dir = Path(t.input or Path(cfg.run_root) / cfg.name / "clean")
+    clean_dir = stage_input(cfg, "clean", t.input)
     items = index_shards(clean_dir / "shards")
     if not items:
         raise ValueError(
@@ -110,42 +90,32 @@ def run(cfg: S2Config) -> dict:
     rate = codec_config.sample_rate
     train_items, heldout_items = split_heldout(items, t.heldout_items)
     heldout = {u.key: read_audio(u, rate)[: int(PREVIEW_MAX_S * rate)] for u in heldout_items}
-    if t.threads:
-        torch.set_num_threads(t.threads)
-
-    last = run_dir / "checkpoints" / "last.ckpt"
-    resume_from = checkpoint_step(last) if last.exists() else 0
+    resume = latest_checkpoint(run_dir)  # ours or SLURM's pre-emption checkpoint
+    resume_from = checkpoint_step(resume) if resume is not None else 0
     torch.manual_seed(cfg.seed)
     module = CodecModule(codec_config, t, run_dir, heldout)
     crops = CropStream(train_items, rate, round(t.segment_s * rate), cfg.seed, stream=resume_from)
     loader = DataLoader(
         crops, batch_size=t.batch_size, num_workers=t.num_workers, persistent_workers=t.num_workers > 0
     )
-    per_batch = module.steps_per_batch
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="step-{step:06d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=t.checkpoint_every * per_batch,
-        save_top_k=-1,
-        save_last=True,
+    per_batch = module.steps_per_batch  # Lightning counts each optimizer's step
+    trainer = build_trainer(
+        TrainerSpec(
+            run_dir=run_dir,
+            run_id=f"{cfg.name}-{cfg.stage}-{cfg.seed}",
+            max_steps=t.max_steps * per_batch,
+            checkpoint_every=t.checkpoint_every * per_batch,
+            log_every=t.log_every,
+            accelerator=t.accelerator,
+            precision=t.precision,
+            progress=False,
+            wandb=t.wandb,
+            wandb_project=t.wandb_project,
+            threads=t.threads,
+        )
     )
-    trainer = L.Trainer(
-        accelerator=t.accelerator,
-        devices=1,
-        precision=t.precision,
-        max_steps=t.max_steps * per_batch,
-        log_every_n_steps=t.log_every,
-        logger=_loggers(cfg, run_dir),
-        callbacks=[checkpoints],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(run_dir),
-    )
-    started = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
-    train_s = time.perf_counter() - started
-    trainer.save_checkpoint(last, weights_only=False)  # the final step, whatever checkpoint_every says
+    fitted = fit(trainer, module, resume, train_dataloaders=loader)
+    train_s = fitted.train_s
 
     codec = module.codec.eval()
     save_codec(codec, run_dir / "codec.pt")
@@ -161,6 +131,6 @@ def run(cfg: S2Config) -> dict:
         "heldout_codebook_usage": module.heldout_usage(),
         "train_wall_s": round(train_s, 2),
         "steps_per_s": round((module.step - resume_from // per_batch) / train_s, 3),
-        **heldout_wer(module, heldout_items, cfg.judges.asr),
+        **heldout_wer(module, heldout_items, JudgeSuite(cfg.judges, cfg.seed)),
         "codec": str(run_dir / "codec.pt"),
     }

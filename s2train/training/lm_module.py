@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from s2train.checks import check
 from s2train.models.dual_ar import DualAR, DualARConfig
 from s2train.training.dual_ar_loss import dual_ar_loss, select_fast_rows
+from s2train.training.trainer import checkpoint_blocks
 
 
 @dataclass
@@ -106,15 +107,6 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def apply_activation_checkpointing(model: DualAR) -> None:
-    """Recompute every transformer block of both models in the backward pass (from outside the model)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for stack in (model.slow, model.fast):
-        for i, layer in enumerate(stack.layers):
-            stack.layers[i] = checkpoint_wrapper(layer)
-
-
 class DualARModule(L.LightningModule):
     def __init__(self, model_config: DualARConfig, train: LMTrainConfig, run_dir: Path | str):
         super().__init__()
@@ -130,7 +122,7 @@ class DualARModule(L.LightningModule):
         if self.model is None:
             self.model = DualAR(self.model_config)
             if self.train_cfg.activation_checkpointing:
-                apply_activation_checkpointing(self.model)
+                checkpoint_blocks(self.model.slow.layers, self.model.fast.layers)
 
     # ------------------------------------------------------------------------------------- the step
 

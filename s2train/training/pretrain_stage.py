@@ -24,23 +24,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from s2train.models.dual_ar import DualAR, DualARConfig
-from s2train.runs import checkpoint_step
+from s2train.checkpoints import save_dual_ar
+from s2train.models.dual_ar import DualARConfig
+from s2train.runs import stage_input
 from s2train.text.tokenizer import TextTokenizer, load_tokenizer
 from s2train.training.lm_data import Collate, TokenStream, open_token_source
 from s2train.training.lm_module import DualARModule, plot_losses, read_losses
+from s2train.training.trainer import (
+    TrainerSpec,
+    build_trainer,
+    fit,
+    gathered_state_dict,
+    latest_checkpoint,
+    parameter_count,
+)
 
 if TYPE_CHECKING:
     from s2train.config import S2Config
@@ -48,7 +52,7 @@ if TYPE_CHECKING:
 
 def token_input(cfg: S2Config) -> str:
     """The token data: ``lm_data.input`` or this experiment's tokenize run."""
-    return cfg.lm_data.input or str(Path(cfg.run_root) / cfg.name / "tokenize")
+    return str(stage_input(cfg, "tokenize", cfg.lm_data.input))
 
 
 def codebook_sizes(spec: str) -> list[int] | None:
@@ -121,68 +125,6 @@ class LMDataModule(L.LightningDataModule):
         )
 
 
-def _strategy(cfg: S2Config):
-    s = cfg.strategy
-    if s.name == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(process_group_backend=s.process_group_backend)
-    import importlib.util
-
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ValueError(f"strategy={s.name} needs DeepSpeed on GPU nodes: pip install -e .[deepspeed]")
-    return DeepSpeedStrategy(
-        stage=3 if s.name == "deepspeed_zero3" else 2,
-        offload_optimizer=s.offload_optimizer,
-        offload_parameters=s.offload_parameters,
-        process_group_backend=s.process_group_backend,
-    )
-
-
-def _precision(cfg: S2Config) -> str:
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    on_gpu = cfg.train.accelerator == "gpu" or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu else "32-true"
-
-
-def _loggers(cfg: S2Config, run_dir: Path) -> list:
-    loggers = [CSVLogger(save_dir=str(run_dir), name="logs")]
-    if cfg.train.wandb:
-        os.environ.setdefault("WANDB_MODE", "offline")
-        try:
-            from lightning.pytorch.loggers import WandbLogger
-        except ModuleNotFoundError as error:
-            raise ValueError("train.wandb=true needs wandb: pip install wandb") from error
-        loggers.append(
-            WandbLogger(
-                project=cfg.train.wandb_project,
-                name=f"{cfg.name}-{cfg.stage}",
-                save_dir=str(run_dir),
-                id=f"{cfg.name}-{cfg.stage}-{cfg.seed}",  # the same id after a requeue: the run continues
-                resume="allow",
-            )
-        )
-    return loggers
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_*.ckpt`` Lightning writes on SLURM's
-    pre-emption signal, or None."""
-    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-    existing = [p for p in candidates if p.exists()]
-    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
-
-
-def save_model(model: DualAR, folder: Path) -> None:
-    """``model.safetensors`` (our key names) and ``model.json`` (its ``DualARConfig``)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "model.json").write_text(json.dumps(dataclasses.asdict(model.config), indent=1))
-
-
 def run(cfg: S2Config) -> dict | None:
     t = cfg.train
     run_dir = Path(cfg.run_dir)
@@ -191,64 +133,51 @@ def run(cfg: S2Config) -> dict | None:
     model_cfg, changed = fit_model_to_data(cfg.model, tokenizer, codebook_sizes(source))
     for name, (preset, new) in changed.items():
         print(f"model.{name}: {preset} -> {new} (from the tokenizer and the token shards)")
-    if t.threads:
-        torch.set_num_threads(t.threads)
-
+    trainer = build_trainer(
+        TrainerSpec(
+            run_dir=run_dir,
+            run_id=f"{cfg.name}-{cfg.stage}-{cfg.seed}",
+            max_steps=t.max_steps,
+            checkpoint_every=t.checkpoint_every,
+            log_every=t.log_every,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            strategy=cfg.strategy,
+            precision=t.precision,
+            grad_clip=t.grad_clip,
+            progress=t.progress,
+            wandb=t.wandb,
+            wandb_project=t.wandb_project,
+            threads=t.threads,
+        ),
+        use_distributed_sampler=False,  # the token stream splits the data itself
+    )
     torch.manual_seed(cfg.seed)
     module = DualARModule(model_cfg, t, run_dir)
     data = LMDataModule(cfg, tokenizer, model_cfg.num_codebooks, module)
-    resume = latest_checkpoint(run_dir)
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="step-{step:06d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=t.checkpoint_every,
-        save_top_k=-1,
-        save_last=True,
-    )
-    trainer = L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=_strategy(cfg) if t.devices * t.num_nodes > 1 or cfg.strategy.name != "ddp" else "auto",
-        precision=_precision(cfg),
-        max_steps=t.max_steps,
-        gradient_clip_val=t.grad_clip or None,
-        log_every_n_steps=t.log_every,
-        logger=_loggers(cfg, run_dir),
-        callbacks=[checkpoints],
-        enable_progress_bar=t.progress,
-        enable_model_summary=False,
-        default_root_dir=str(run_dir),
-        use_distributed_sampler=False,  # the token stream splits the data itself
-    )
-    started = time.perf_counter()
-    step_before = checkpoint_step(resume) if resume is not None else 0
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
-    train_s = time.perf_counter() - started
-    trainer.save_checkpoint(
-        run_dir / "checkpoints" / "last.ckpt", weights_only=False
-    )  # every rank takes part
+    fitted = fit(trainer, module, latest_checkpoint(run_dir), datamodule=data)
+    state = gathered_state_dict(trainer, module.model)  # every rank takes part under ZeRO-3
     if not trainer.is_global_zero:
         return None  # rank 0 reports
 
     rows = read_losses(module.loss_file)
     plot_losses(rows, run_dir / "loss_curve.png", f"{cfg.name}: {cfg.stage}")
-    save_model(module.model, run_dir)
-    slow = sum(p.numel() for p in module.model.slow.parameters())
-    fast = sum(p.numel() for p in module.model.fast.parameters())
+    save_dual_ar(model_cfg, state, run_dir)
+    slow = parameter_count(module.model.slow.parameters())
+    fast = parameter_count(module.model.fast.parameters())
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     return {
         "steps": trainer.global_step,
-        "resumed_from_step": step_before,
+        "resumed_from_step": fitted.resumed_from_step,
         "params_slow_M": round(slow / 1e6, 3),
         "params_fast_M": round(fast / 1e6, 3),
         "first_loss": round(first.get("loss/total", float("nan")), 4),
         "final_loss": round(last.get("loss/total", float("nan")), 4),
         "final_slow_loss": round(last.get("loss/slow", float("nan")), 4),
         "final_fast_loss": round(last.get("loss/fast", float("nan")), 4),
-        "train_wall_s": round(train_s, 2),
-        "steps_per_s": round((trainer.global_step - step_before) / train_s, 3),
+        "train_wall_s": round(fitted.train_s, 2),
+        "steps_per_s": round((trainer.global_step - fitted.resumed_from_step) / fitted.train_s, 3),
         "model_changes": {k: list(v) for k, v in changed.items()},
         "loss_curve": str(run_dir / "loss_curve.png"),
         "model": str(run_dir / "model.safetensors"),
