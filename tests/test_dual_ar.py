@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from s2train.inference.naive import generate_naive
 from s2train.inference.sampling import SamplingParams, allowed_slow_tokens, sample
-from s2train.models.dual_ar import DualAR, DualARConfig, StepDecoder, s2pro, small, tiny
+from s2train.inference.step_decoder import StepDecoder
+from s2train.models.dual_ar import DualAR, DualARConfig, s2pro, small, tiny
 from s2train.training.dual_ar_loss import dual_ar_loss, select_fast_rows
 
 IM_END = 258  # the tiny tokenizer layout: <|im_end|> sits below the semantic block (272..335)

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from s2train.compat.fish_dual_ar import load_fish_dual_ar, official_to_ours
 from s2train.inference.naive import generate_naive
 from s2train.inference.sampling import SamplingParams
-from s2train.models.dual_ar import DualAR, rope_cos_sin
+from s2train.models.dual_ar import DualAR
+from s2train.models.layers import rope_cos_sin
 from s2train.training.dual_ar_loss import dual_ar_loss, select_fast_rows
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "fish_s2"
@@ -155,12 +156,12 @@ def test_semantic_ids_fall_back_to_the_config_without_a_tokenizer(tmp_path):
 
 
 def test_rope_tables_are_the_bf16_rounded_upstream_tables(refs):
-    cos, sin = rope_cos_sin(torch.arange(256), 16, 1e6, "bfloat16")
+    cos, sin = rope_cos_sin(torch.arange(256), 16, 1e6, torch.bfloat16)
     assert torch.equal(torch.stack([cos, sin], dim=-1), refs["rope.slow_freqs_cis_first256"])
-    cos, sin = rope_cos_sin(torch.arange(10), 16, 1e6, "bfloat16")
+    cos, sin = rope_cos_sin(torch.arange(10), 16, 1e6, torch.bfloat16)
     assert torch.equal(torch.stack([cos, sin], dim=-1), refs["rope.fast_freqs_cis"])
     assert cos[1, 0].item() == 0.5390625
-    cos32, _ = rope_cos_sin(torch.arange(2), 16, 1e6, "float32")
+    cos32, _ = rope_cos_sin(torch.arange(2), 16, 1e6, torch.float32)
     assert abs(cos32[1, 0].item() - 0.5403023) < 1e-6  # the float32 table differs, as the README warns
 
 

@@ -4,6 +4,7 @@ allowed folders are refused; a released S2 Pro folder (the tiny fixture) synthes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from s2train.checkpoints import load_codec, save_dual_ar
 from s2train.cli import run_stage
 from s2train.config import S2Config
 from s2train.inference.sampling import SamplingParams
-from s2train.inference.synthesis import SynthesizeConfig
+from s2train.inference.synthesis import SynthesizeConfig, Synthesizer, Utterance
 from s2train.models.dual_ar import DualAR, tiny
 from s2train.text.tokenizer import TextConfig
 from tests.conftest import read_jsonl, run_cli
@@ -216,3 +217,35 @@ def test_a_released_s2_pro_folder_synthesises(tmp_path):
     [row] = read_jsonl(tmp_path / "run" / "manifest.jsonl")
     audio, rate = sf.read(tmp_path / "run" / row["wav"], dtype="float32")
     assert rate == 44100 and len(audio) == row["frames"] * 2048 and results["codec"] == "fish:tiny_codec"
+
+
+def test_the_library_call_speaks_what_the_stage_writes(tmp_path, model_dir, codec_file, voices):
+    """``Synthesizer`` (the call eval, GRPO and the server share) gives the stage's audio for the same
+    utterances and seeds, in any batch composition; the stage only adds files around it."""
+    cfg = config(tmp_path / "run", model_dir, codec_file, requests=str(voices / "requests.jsonl"))
+    run_stage(cfg)
+    manifest = {m["id"]: m for m in read_jsonl(tmp_path / "run" / "manifest.jsonl")}
+    synth = Synthesizer.open(cfg.synthesize, cfg.text, model_dir, codec_file)
+    clip = (voices / "anna.wav").resolve()
+    utterances = [
+        Utterance("again", "Again, in her voice.", clip, "A chirp.", seed=manifest["again"]["seed"]),
+        Utterance("second", "<|speaker:1|>The second speaker.", seed=5, max_new_tokens=6),
+    ]
+    spoken = {s.utterance.id: s for s in synth.speak(utterances)}
+    assert set(spoken) == {"again", "second"}
+    for key, s in spoken.items():
+        written, rate = sf.read(tmp_path / "run" / "wav" / f"{key}.wav", dtype="float32")
+        assert rate == synth.sample_rate and s.generation.codes.shape[1] == manifest[key]["frames"]
+        expected = np.round(np.clip(s.audio, -1, 1) * 32767) / 32768  # the stage's 16-bit PCM
+        np.testing.assert_allclose(written, expected, atol=1.5 / 32768)
+
+
+def test_the_synthesizer_refuses_a_model_and_codec_that_do_not_belong_together(model_dir, tmp_path):
+    from s2train.checkpoints import save_codec
+    from s2train.models.codec import Codec
+    from s2train.models.codec import tiny as codec_tiny
+
+    other = tmp_path / "codec.pt"
+    save_codec(Codec(dataclasses.replace(codec_tiny(), n_residual_codebooks=2)), other)
+    with pytest.raises(ValueError, match="codec makes 3 codebooks"):
+        Synthesizer.open(SynthesizeConfig(), TextConfig(n_semantic=64), model_dir, other)

@@ -35,9 +35,9 @@ tokens do not depend on the other requests of the batch: greedy decoding of a ba
 tokens alone, and a seed gives the same audio alone or batched (and in ``generate_naive``).
 
 **Speed paths.** On a CPU every step runs eagerly over the running rows, attending to the filled slots
-only, through ``StepDecoder`` (``dual_ar.py``: the slow and fast models for one new position per row in
-about half the tensor operations of the modules, with the same numbers) under ``torch.inference_mode``;
-a small model's frame is bound by the number of operations, not by arithmetic. On CUDA (``cuda_graph``,
+only, through ``StepDecoder`` (``step_decoder.py``: the slow and fast models for one new position per
+row in about half the tensor operations of the modules, with the same numbers) under
+``torch.inference_mode``; a small model's frame is bound by the number of operations, not by arithmetic. On CUDA (``cuda_graph``,
 the default there) the frame step (fast loop, sampling and the slow step for all rows of the batch) is
 captured once as a CUDA graph over fixed shapes (``RowKVCache(static=True)``: every slot, masked) and
 replayed each frame; only the per-request noise is drawn outside it. Load the model in bfloat16 for speed
@@ -65,8 +65,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from s2train.inference.sampling import FrameNoise, RowSampler, SamplingParams, SlowVocab, decode_frame
+from s2train.inference.step_decoder import StepDecoder
 from s2train.models.codec import Codec
-from s2train.models.dual_ar import DualAR, StepDecoder
+from s2train.models.dual_ar import DualAR
 from s2train.text.prompt import Reference, build_prompt
 from s2train.text.tokenizer import TextTokenizer
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from s2train.checks import check
+
 # The most recent slow tokens a row remembers for repetition-aware sampling (ras_window is at most this).
 MAX_RAS_WINDOW = 64
 
@@ -76,10 +78,6 @@ class SamplingParams:
     exact: bool = False  # RL: untruncated softmax, log-probabilities returned (see exact_at)
 
     def __post_init__(self) -> None:
-        def check(condition: bool, message: str) -> None:
-            if not condition:
-                raise ValueError(message)
-
         for prefix in ("", "fast_", "ras_"):
             temperature = getattr(self, f"{prefix}temperature")
             top_p = getattr(self, f"{prefix}top_p")

@@ -36,6 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from s2train.checks import check
+from s2train.models.layers import FeedForward, RMSNorm, apply_rope, rope_cos_sin
+
 # Carry-over between the chunks of a streaming decode: every stateful layer keeps what it needs from the
 # previous chunk (input history, overlap tail, key/value cache, position) under its own module as key.
 StreamState = dict[nn.Module, Any]
@@ -80,10 +83,6 @@ class CodecConfig:
     norm_eps: float = 1e-5  # every transformer RMSNorm
 
     def __post_init__(self) -> None:
-        def check(condition: bool, message: str) -> None:
-            if not condition:
-                raise ValueError(message)
-
         check(self.sample_rate > 0, f"codec sample_rate must be positive, not {self.sample_rate}")
         check(
             self.encoder_dim > 0 and self.decoder_dim > 0,
@@ -486,33 +485,6 @@ class Decoder(nn.Module):
 # ------------------------------------------------------------------------------ window-limited transformer
 
 
-class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) in float32, cast back, times the weight. (..., C) -> (..., C)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos and sin (T, Dh/2) for integer positions (T,), rounded through bfloat16 as the released table is."""
-    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions.float()[:, None] * freqs[None, :]  # (T, Dh/2)
-    return angles.cos().bfloat16().float(), angles.sin().bfloat16().float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of x (B, T, H, Dh) by cos, sin (T, Dh/2), in float32."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, Dh/2) each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, Dh/2)
-    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
-
-
 class Attention(nn.Module):
     """Causal self-attention over the last ``window`` positions, RoPE on q and k. (B, T, C) -> (B, T, C)."""
 
@@ -539,19 +511,6 @@ class Attention(nn.Module):
         mask = (distance >= 0) & (distance < self.window)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).flatten(2))  # (B, T, C)
-
-
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x). (B, T, C) -> (B, T, C)."""
-
-    def __init__(self, dim: int, intermediate: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, intermediate, bias=False)
-        self.w3 = nn.Linear(dim, intermediate, bias=False)
-        self.w2 = nn.Linear(intermediate, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class LayerScale(nn.Module):
@@ -616,7 +575,7 @@ class WindowTransformer(nn.Module):
         positions = torch.arange(start, start + x.shape[-1], device=x.device)  # (T,)
         if state is not None:
             state[self] = start + x.shape[-1]
-        rope = rope_cos_sin(positions, self.head_dim, self.rope_base)
+        rope = rope_cos_sin(positions, self.head_dim, self.rope_base)  # rounded through bf16, as released
         h = x.transpose(1, 2)  # (B, T, C)
         for layer in self.layers:
             h = layer(h, positions, rope, state)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE = -100
+from s2train.text.prompt import IGNORE  # the label of a position that is not trained
+
 LOSS_WEIGHTS = {"loss/slow": 1.0, "loss/fast": 1.0}  # keyed like the logged losses they weight
 
 

@@ -1,0 +1,70 @@
+"""``s2train.checkpoints``, the one place models are opened and saved: our codec and Dual-AR formats round
+trip exactly, a released S2 Pro folder opens through the same calls, and anything else is refused with a
+sentence that says what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from s2train.checkpoints import load_codec, open_codec, open_dual_ar, save_codec, save_dual_ar
+from s2train.models.codec import Codec
+from s2train.models.codec import tiny as codec_tiny
+from s2train.models.dual_ar import DualAR, tiny
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "fish_s2"
+
+
+def test_our_dual_ar_round_trips_exactly(tmp_path):
+    torch.manual_seed(3)
+    model = DualAR(tiny())
+    save_dual_ar(model.config, model.state_dict(), tmp_path / "run")
+    loaded, release = open_dual_ar(tmp_path / "run")
+    assert release is None and loaded.config == model.config and not loaded.training
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_our_codec_round_trips_from_the_file_or_its_folder(tmp_path):
+    torch.manual_seed(4)
+    codec = Codec(codec_tiny())
+    save_codec(codec, tmp_path / "codec" / "codec.pt")
+    for spec in (tmp_path / "codec" / "codec.pt", tmp_path / "codec"):
+        opened, name = open_codec(spec)
+        assert name == "codec"
+        for a, b in zip(codec.state_dict().values(), opened.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    assert not list((tmp_path / "codec").glob("*.tmp"))  # written atomically
+
+
+def test_what_is_not_a_checkpoint_is_refused_with_a_sentence(tmp_path):
+    with pytest.raises(ValueError, match="synthesize.codec is required"):
+        open_codec(None, key="synthesize.codec")
+    with pytest.raises(ValueError, match="holds neither codec.pt"):
+        open_codec(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        open_codec(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="holds neither model.json"):
+        open_dual_ar(tmp_path)
+    (tmp_path / "model.json").write_text("{}")
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        open_dual_ar(tmp_path)
+    (tmp_path / "not_a_codec.pt").write_bytes(b"")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "not_a_codec.pt")
+    with pytest.raises(ValueError, match="not an s2train codec checkpoint"):
+        load_codec(tmp_path / "not_a_codec.pt")
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="needs ../shared/fixtures/fish_s2 (the released formats)")
+def test_released_folders_open_through_the_same_calls():
+    model_dir = next(
+        p for p in sorted(FIXTURES.rglob("config.json")) if (p.parent / "tokenizer.json").is_file()
+    )
+    model, release = open_dual_ar(model_dir.parent)
+    assert release == model_dir.parent and isinstance(model, DualAR) and not model.training
+    codec_pth = next(iter(sorted(FIXTURES.rglob("codec.pth"))))
+    codec, name = open_codec(codec_pth.parent)
+    assert name.startswith("fish:") and isinstance(codec, Codec)
