@@ -76,8 +76,9 @@ from s2train.models.dual_ar import DualAR, DualARConfig, s2pro, small, tiny
 from s2train.text.prompt import IGNORE, build_prompt, inputs_and_labels
 from s2train.text.tokenizer import ByteTokenizer
 from s2train.training.lm_data import Collate, PackedSequence, Segment, pack_segments
-from s2train.training.lm_module import DualARModule, LMTrainConfig, apply_activation_checkpointing
+from s2train.training.lm_module import DualARModule, LMTrainConfig
 from s2train.training.pretrain_stage import fit_model_to_data
+from s2train.training.trainer import checkpoint_blocks
 
 PRESETS = {"tiny": tiny, "small": small}
 H100_H200_BF16_DENSE_TFLOPS = 989.0  # SXM, dense (no 2:4 sparsity), both H100 and H200
@@ -416,7 +417,7 @@ def bench_slow_model(cfg: DualARConfig, device: torch.device, args, peak: float 
     if args.gpu_dtype == "bf16":
         model = model.to(torch.bfloat16)
     if args.gpu_checkpointing:
-        apply_activation_checkpointing(model)
+        checkpoint_blocks(model.slow.layers, model.fast.layers)
     model.train()
     batch = random_frame_batch(cfg, args.gpu_batch, args.gpu_len, device, args.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.gpu_dtype == "bf16-mixed")

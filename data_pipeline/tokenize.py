@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class TokenizeConfig:
-    codec: str | None = None  # our codec checkpoint (.pt from save_codec) or a released S2 Pro codec folder
+    codec: str | None = None  # our codec checkpoint (the codec.pt of stage=codec) or a released S2 Pro codec folder
     input: str | None = None  # a clean run directory; None: run_root/name/clean
     batch_size: int = 8  # utterances encoded together (sorted by length, so padding stays small)
     progress: bool = True

@@ -25,10 +25,8 @@ A frame is ``hop * prod(downsample_factors)`` samples: 2048 at 44.1 kHz (21.5 Hz
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -1027,22 +1025,3 @@ class StreamingDecoder:
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-
-
-def save_codec(codec: Codec, path: str | Path) -> None:
-    """Our checkpoint format: the config as plain values and the weights, loadable with weights_only."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"codec_config": dataclasses.asdict(codec.config), "state_dict": codec.state_dict()}, tmp)
-    tmp.replace(path)
-
-
-def load_codec(path: str | Path) -> Codec:
-    """A codec saved by ``save_codec`` (``torch.load(weights_only=True)``: no code is unpickled)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "codec_config" not in checkpoint:
-        raise ValueError(f"{path} is not an s2train codec checkpoint (no codec_config)")
-    codec = Codec(CodecConfig(**checkpoint["codec_config"]))
-    codec.load_state_dict(checkpoint["state_dict"])
-    return codec.eval()
