@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
+from s2train.audio import flac_bytes
 from s2train.shards import write_tar
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,12 +172,6 @@ def tiny_token_run(tmp_path_factory) -> Path:
     return root
 
 
-def _flac(wav: np.ndarray, rate: int) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, wav, rate, format="FLAC", subtype="PCM_16")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="session")
 def tiny_clean_run(tmp_path_factory) -> Path:
     """A clean run directory of four 1.5 s utterances of seeded harmonic tones in noise, at 16 kHz."""
@@ -190,6 +184,6 @@ def tiny_clean_run(tmp_path_factory) -> Path:
         wav = sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 6)) * 0.2
         wav = (wav + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
         meta = {"id": f"c{i:03d}", "duration": 1.5, "sample_rate": 16000}
-        members += [(f"c{i:03d}.flac", _flac(wav, 16000)), (f"c{i:03d}.json", json.dumps(meta).encode())]
+        members += [(f"c{i:03d}.flac", flac_bytes(wav, 16000)), (f"c{i:03d}.json", json.dumps(meta).encode())]
     write_tar(root / "shards" / "clean-000000.tar", members)
     return root

@@ -4,17 +4,16 @@ writes a ``codec.pt`` that ``load_codec`` reads, previews appear, and the advers
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 from omegaconf import OmegaConf
 
 from data_pipeline.demo_corpus import synthesize
+from s2train.audio import flac_bytes
 from s2train.checkpoints import load_codec
 from s2train.cli import run_stage
 from s2train.config import S2Config
@@ -31,12 +30,6 @@ SENTENCES = [
 ]
 
 
-def _flac(wav: np.ndarray, rate: int) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, wav, rate, format="FLAC", subtype="PCM_16")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def clean_dir(tmp_path_factory) -> Path:
     """A clean run directory with two shards of flite speech at 16 kHz."""
@@ -46,7 +39,7 @@ def clean_dir(tmp_path_factory) -> Path:
         wav = synthesize("awb", text, 16000)
         meta = {"id": f"utt{i:03d}", "duration": len(wav) / 16000, "sample_rate": 16000, "text": text}
         members.append(
-            [(f"utt{i:03d}.flac", _flac(wav, 16000)), (f"utt{i:03d}.json", json.dumps(meta).encode())]
+            [(f"utt{i:03d}.flac", flac_bytes(wav, 16000)), (f"utt{i:03d}.json", json.dumps(meta).encode())]
         )
     write_tar(root / "shards" / "clean-000000.tar", [m for pair in members[:3] for m in pair])
     write_tar(root / "shards" / "clean-000001.tar", [m for pair in members[3:] for m in pair])
@@ -98,7 +91,7 @@ def test_a_crop_is_a_stretch_of_the_utterance_at_the_codec_rate(clean_dir, tmp_p
     assert np.array_equal(longer[: len(whole)], whole) and not longer[len(whole) :].any()
     # a shard at another rate: the crop is resampled to exactly the codec's samples
     wav = synthesize("awb", SENTENCES[0], 22050)
-    write_tar(tmp_path / "shards" / "clean-000000.tar", [("u.flac", _flac(wav, 22050))])
+    write_tar(tmp_path / "shards" / "clean-000000.tar", [("u.flac", flac_bytes(wav, 22050))])
     (other,) = index_shards(tmp_path / "shards")
     crop = read_crop(other, 16000, 4000, rng)
     assert crop.shape == (4000,) and crop.dtype == np.float32 and np.abs(crop).max() > 0.01

@@ -33,7 +33,7 @@ from s2train.inference.engine import Generation, InferenceEngine, Request, speec
 from s2train.inference.sampling import SamplingParams
 from s2train.models.codec import Codec
 from s2train.models.dual_ar import DualAR
-from s2train.runs import atomic_path, write_json_atomic
+from s2train.runs import atomic_path, write_json_atomic, write_text_atomic
 from s2train.text.prompt import Reference
 from s2train.text.tokenizer import HFTokenizer, TextConfig, TextTokenizer, load_tokenizer
 
@@ -337,9 +337,10 @@ def speak_to_folder(
     }
 
 
-def manifest_rows(wav_dir: Path, utterances: Sequence[Utterance]) -> list[dict]:
-    """The ``<id>.json`` records of ``utterances``, in their order."""
-    return [json.loads((wav_dir / f"{u.id}.json").read_text(encoding="utf-8")) for u in utterances]
+def write_manifest(path: Path, wav_dir: Path, utterances: Sequence[Utterance]) -> None:
+    """A JSONL of the ``<id>.json`` records of ``utterances`` (all spoken), in their order."""
+    rows = [(wav_dir / f"{u.id}.json").read_text(encoding="utf-8") for u in utterances]
+    write_text_atomic(path, "".join(json.dumps(json.loads(r), ensure_ascii=False) + "\n" for r in rows))
 
 
 def _write(wav_dir: Path, spoken: Spoken, rate: int) -> float:

@@ -35,7 +35,6 @@ so a rerun skips the requests that are done; ``manifest.jsonl`` of all requests.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,11 +42,11 @@ from s2train.inference.synthesis import (
     SAFE_ID,
     Synthesizer,
     Utterance,
-    manifest_rows,
     resolve_reference,
     speak_to_folder,
+    write_manifest,
 )
-from s2train.runs import jsonl_lines, stage_input, write_text_atomic
+from s2train.runs import jsonl_lines, stage_input
 from s2train.text.tokenizer import SPEAKER_TAG, speaker_token
 
 if TYPE_CHECKING:
@@ -143,10 +142,7 @@ def run(cfg: S2Config) -> dict:
     model = stage_input(cfg, "pretrain", s.model)
     synth = Synthesizer.open(s, cfg.text, model, s.codec or cfg.tokenize.codec)
     figures = speak_to_folder(synth, utterances, run_dir / "wav", progress=s.progress)
-    rows = manifest_rows(run_dir / "wav", utterances)
-    write_text_atomic(
-        run_dir / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    )
+    write_manifest(run_dir / "manifest.jsonl", run_dir / "wav", utterances)
     return {
         **figures,
         "device": str(synth.device),
