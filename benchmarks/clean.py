@@ -31,6 +31,8 @@ from omegaconf import OmegaConf
 
 from s2train.audio import resample
 from s2train.config import S2Config
+from s2train.judges import JUDGE_RATE
+from s2train.judges.suite import JudgeSuite
 
 
 def timed(fn, *args, repeat: int = 1):
@@ -62,8 +64,9 @@ def main() -> None:
     wavs = []
     for path in files:
         audio, rate = sf.read(path, dtype="float32", always_2d=True)
-        wavs.append(resample(audio.mean(axis=1), rate, 16000))
-    audio_s = sum(len(w) for w in wavs) / 16000
+        wavs.append(resample(audio.mean(axis=1), rate, JUDGE_RATE))
+    audio_s = sum(len(w) for w in wavs) / JUDGE_RATE
+    judges = JudgeSuite(cfg.judges)  # the judges the clean stage uses, with its default config
     rows: dict[str, dict] = {}
 
     def record(
@@ -92,28 +95,31 @@ def main() -> None:
     # VAD ---------------------------------------------------------------------------------------
     from silero_vad import get_speech_timestamps
 
-    from s2train.judges.vad import SileroVAD, speech_regions
+    from s2train.judges.vad import speech_regions
 
-    vad = SileroVAD(cfg.judges.vad)
+    vad = judges.vad
     ours, _ = timed(
-        lambda: [speech_regions(vad.probabilities([w]), cfg.judges.vad, len(w) / 16000) for w in wavs]
+        lambda: [speech_regions(vad.probabilities([w]), cfg.judges.vad, len(w) / JUDGE_RATE) for w in wavs]
     )
     base, _ = timed(
-        lambda: [get_speech_timestamps(torch.from_numpy(w), vad.model, sampling_rate=16000) for w in wavs]
+        lambda: [
+            get_speech_timestamps(torch.from_numpy(w), vad.model, sampling_rate=JUDGE_RATE) for w in wavs
+        ]
     )
     record("vad (silero)", ours, base, "silero_vad.get_speech_timestamps")
 
     # DNSMOS ------------------------------------------------------------------------------------
     from speechmos import dnsmos as speechmos_dnsmos
 
-    from s2train.judges.quality import dnsmos_model
+    from s2train.judges.quality import DNSMOS_WINDOW_S
 
-    model = dnsmos_model(0)  # onnxruntime picks its threads, as speechmos lets it
-    model(wavs[0][:16000], 1.0)  # warm the sessions, as a long run would be
-    speechmos_dnsmos.run(wavs[0][:16000], sr=16000)
-    clips = [np.clip(w[:144160], -1, 1) for w in wavs if len(w) >= 144160]
+    model = judges.dnsmos  # onnx_threads=0: onnxruntime picks its threads, as speechmos lets it
+    model(wavs[0][:JUDGE_RATE], 1.0)  # warm the sessions, as a long run would be
+    speechmos_dnsmos.run(wavs[0][:JUDGE_RATE], sr=JUDGE_RATE)
+    window = int(DNSMOS_WINDOW_S * JUDGE_RATE)  # 144160 samples
+    clips = [np.clip(w[:window], -1, 1) for w in wavs if len(w) >= window]
     ours, _ = timed(lambda: [model(c, 1.0) for c in clips])
-    base, _ = timed(lambda: [speechmos_dnsmos.run(c, sr=16000) for c in clips])
+    base, _ = timed(lambda: [speechmos_dnsmos.run(c, sr=JUDGE_RATE) for c in clips])
     record(
         "dnsmos, one 9.01 s window", ours, base, "speechmos.dnsmos.run", seconds_of_audio=9.01 * len(clips)
     )
@@ -123,28 +129,22 @@ def main() -> None:
     record("dnsmos hop 9.01 s (demo)", ours)
 
     # speaker -----------------------------------------------------------------------------------
-    from s2train.judges.speaker import SpeakerJudge
-
-    judge = SpeakerJudge(cfg.judges.speaker)
-    judge([wavs[0][:32000]])
+    judge = judges.speaker
+    judge([wavs[0][: 2 * JUDGE_RATE]])
     ours, _ = timed(lambda: judge(wavs))
     encoder = judge.embedder.encoder
     base, _ = timed(lambda: [encoder.embed_utterance(w, return_partials=True, rate=1 / 0.8) for w in wavs])
     record("speaker (resemblyzer)", ours, base, "resemblyzer embed_utterance(return_partials)")
 
     # ASR ---------------------------------------------------------------------------------------
-    from s2train.judges.asr import PocketSphinxASR
-
-    asr = PocketSphinxASR(cfg.judges.asr)
+    asr = judges.asr  # pocketsphinx
     ours, _ = timed(lambda: asr(wavs, ["en"] * len(wavs)))
     record("asr (pocketsphinx)", ours)
 
     # captioner ---------------------------------------------------------------------------------
-    from s2train.judges.captioner import RuleCaptioner
-
-    captioner = RuleCaptioner(cfg.judges.captioner)
-    captioner.measure(wavs[0][:32000], "warm up", 2.0)  # numba compiles pYIN's kernels once
-    ours, _ = timed(lambda: [captioner.measure(w, "", len(w) / 16000) for w in wavs])
+    captioner = judges.captioner
+    captioner.measure(wavs[0][: 2 * JUDGE_RATE], "warm up", 2.0)  # numba compiles pYIN's kernels once
+    ours, _ = timed(lambda: [captioner.measure(w, "", len(w) / JUDGE_RATE) for w in wavs])
     record("captioner (pyin, lufs)", ours)
 
     # the whole stage ---------------------------------------------------------------------------

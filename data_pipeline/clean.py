@@ -35,12 +35,10 @@ from data_pipeline.shards import UnitLedger
 from data_pipeline.sources import SourceItem, list_items
 from s2train.audio import flac_bytes, read_excerpt, stream_mono
 from s2train.checks import check
-from s2train.judges.asr import build_asr, transcript_checks
-from s2train.judges.captioner import RuleCaptioner
-from s2train.judges.quality import QualityJudge
-from s2train.judges.speaker import SpeakerJudge
-from s2train.judges.vad import SAMPLE_RATE as JUDGE_RATE
-from s2train.judges.vad import Segment, SileroVAD, plan_segments, speech_regions
+from s2train.judges import JUDGE_RATE
+from s2train.judges.asr import transcript_checks
+from s2train.judges.suite import JudgeSuite
+from s2train.judges.vad import Segment, plan_segments, speech_regions
 from s2train.runs import atomic_path, write_json_atomic, write_text_atomic
 from s2train.shards import write_tar
 
@@ -63,19 +61,6 @@ class CleanConfig:
 PIPELINE_VERSION = "clean-1"
 STAGE_ORDER = ("decode", "vad", "quality", "speaker", "asr")
 SEGMENT_BATCH = 8  # segments held in memory at once
-
-
-class Judges:
-    """Every model the stage needs, loaded once per process."""
-
-    def __init__(self, cfg: S2Config):
-        torch.set_num_threads(cfg.judges.threads)
-        j = cfg.judges
-        self.vad = SileroVAD(j.vad)
-        self.quality = QualityJudge(j.quality)
-        self.speaker = SpeakerJudge(j.speaker, j.device)
-        self.asr = build_asr(j.asr, j.device)
-        self.captioner = RuleCaptioner(j.captioner, cfg.seed)
 
 
 @dataclass
@@ -120,7 +105,7 @@ def _error(item: SourceItem, error: Exception) -> dict:
     return {"error": message[:300]}
 
 
-def process_item(item: SourceItem, cfg: S2Config, judges: Judges, out: UnitResult) -> float:
+def process_item(item: SourceItem, cfg: S2Config, judges: JudgeSuite, out: UnitResult) -> float:
     """Clean one recording into ``out``; returns its duration in seconds."""
     src = item.source
     out.stats["files"] += 1
@@ -135,8 +120,9 @@ def process_item(item: SourceItem, cfg: S2Config, judges: Judges, out: UnitResul
         if reader.frames == 0:
             out.reject(src, 0.0, 0.0, "decode", "empty_audio", {"frames": 0})
             return 0.0
+        vad = judges.vad  # built on first use, outside the try: a judge that cannot load stops the run
         try:
-            probs = judges.vad.probabilities(stream_mono(reader, JUDGE_RATE, cfg.clean.block_s))
+            probs = vad.probabilities(stream_mono(reader, JUDGE_RATE, cfg.clean.block_s))
         except Exception as error:  # a file that breaks part-way through decoding
             out.reject(
                 src,
@@ -178,7 +164,7 @@ def _speech_only(wav: np.ndarray, seg: Segment) -> np.ndarray:
 
 
 def _judge_segments(
-    item, reader, segments, indices, n_segments, cfg: S2Config, judges: Judges, out: UnitResult
+    item, reader, segments, indices, n_segments, cfg: S2Config, judges: JudgeSuite, out: UnitResult
 ):
     src = item.source
     excerpts = [read_excerpt(reader, s.start, s.end, cfg.clean.sample_rate, JUDGE_RATE) for s in segments]
@@ -283,7 +269,9 @@ def run(cfg: S2Config) -> dict:
     todo = ledger.todo
     started, audio_s = time.perf_counter(), 0.0
     if todo:
-        judges = Judges(cfg)
+        torch.set_num_threads(cfg.judges.threads)
+        judges = JudgeSuite(cfg.judges, cfg.seed)  # each judge loads on first use, once per process
+        judges.check_paths()  # a missing local model stops the run before any unit starts
         bar = tqdm(
             total=sum(len(items[u * per : (u + 1) * per]) for u in todo),
             unit="file",

@@ -31,6 +31,7 @@ import soundfile as sf
 
 from s2train.audio import resample
 from s2train.checks import check
+from s2train.judges import JUDGE_RATE
 from s2train.runs import atomic_path, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
@@ -309,14 +310,16 @@ class Builder:
 
 def calibrate(out: Path, truth: list[dict], margin: float) -> dict:
     """DNSMOS OVRL of the good recordings -> the demo's keep threshold (never above real data's 3.0)."""
-    from s2train.judges.quality import dnsmos_model
+    from s2train.judges.quality import DNSMOS_WINDOW_S, dnsmos_model
 
     model = dnsmos_model(0)
     measured = {}
     for row in truth:
         if row["kind"] == "good":
             audio, rate = sf.read(out / row["file"], dtype="float32", always_2d=True)
-            measured[row["file"]] = round(model(resample(audio.mean(axis=1), rate, 16000), 9.01)["ovrl"], 3)
+            measured[row["file"]] = round(
+                model(resample(audio.mean(axis=1), rate, JUDGE_RATE), DNSMOS_WINDOW_S)["ovrl"], 3
+            )
     threshold = min(3.0, float(np.floor((min(measured.values()) - margin) * 100) / 100))
     return {
         "dnsmos_ovrl_min": threshold,

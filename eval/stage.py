@@ -41,8 +41,19 @@ from eval import report, seedtts
 from eval.meta import MetaItem, present, read_meta
 from s2train.audio import resample
 from s2train.checks import check
-from s2train.judges.asr import ASRConfig, WhisperConfig
-from s2train.runs import jsonl_lines, write_json_atomic, write_text_atomic
+from s2train.inference.synthesis import (
+    SAFE_ID,
+    Synthesizer,
+    Utterance,
+    resolve_reference,
+    speak_to_folder,
+    write_manifest,
+)
+from s2train.judges import JUDGE_RATE
+from s2train.judges.asr import ASRConfig
+from s2train.judges.sim_wavlm import WavLMEcapaSim, load_audio_like_upstream
+from s2train.judges.suite import JudgesConfig, JudgeSuite
+from s2train.runs import jsonl_lines, stage_input, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from s2train.config import S2Config
@@ -68,7 +79,7 @@ class EvalConfig:
     ground_truth: bool = True  # also score the gt_wav of 5-field lines, as the ground-truth row
     asr: str = "auto"  # auto (the profile's) | whisper | paraformer | pocketsphinx
     whisper: str | None = None  # a local openai-whisper large-v3 .pt; None: judges.asr.whisper.checkpoint
-    paraformer: str | None = None  # a local funasr paraformer-zh folder (the zh extra)
+    paraformer: str | None = None  # a local paraformer-zh folder (zh extra); None: judges.asr.paraformer
     sim: str = "auto"  # auto (the profile's) | wavlm_ecapa | resemblyzer | speechbrain | none
     sim_checkpoint: str | None = None  # wavlm_ecapa: UniSpeech's wavlm_large_finetune.pth
     speechbrain: str | None = None  # sim=speechbrain: a local ECAPA folder; None: judges.speaker.checkpoint
@@ -102,7 +113,6 @@ class EvalConfig:
         check(self.limit is None or self.limit >= 1, "eval.limit must be at least 1")
 
 
-JUDGE_RATE = 16000
 GENERATED, GROUND_TRUTH = "generated", "ground_truth"
 
 
@@ -187,122 +197,98 @@ def read_16k(path: Path) -> np.ndarray:
     return resample(wav.mean(axis=1), rate, JUDGE_RATE)
 
 
-class Judges:
-    """The ASR, SIM and DNSMOS models of one evaluation. Their paths are checked when it is made (before
-    any generation), the models are loaded once, on first use (a finished run loads none)."""
+SIM_NAMES = {
+    "wavlm_ecapa": WavLMEcapaSim.name,
+    "resemblyzer": "resemblyzer GE2E",
+    "speechbrain": "speechbrain ECAPA-TDNN",
+    "none": None,
+}
 
-    def __init__(self, cfg: S2Config):
-        e = cfg.eval
-        self.lang = e.lang
-        self.device = e.device if e.device != "auto" else _auto_device()
-        self.asr_kind = e.asr if e.asr != "auto" else _default_asr(e.profile, e.lang)
-        self.sim_kind = (
-            e.sim if e.sim != "auto" else ("resemblyzer" if e.profile == "demo" else "wavlm_ecapa")
-        )
-        self.beam_size = 5 if e.profile == "f5" else None  # F5-TTS decodes with a beam of 5
-        self.dnsmos_on = e.dnsmos
-        self.hop_s = cfg.judges.quality.dnsmos_hop_s
-        self.onnx_threads = cfg.judges.quality.onnx_threads
-        self._factories = {"asr": self._build_asr(cfg), "sim": self._build_sim(cfg)}
-        self._loaded: dict[str, object] = {}
 
-    def _model(self, kind: str):
-        """The "asr" or "sim" model, made on first use."""
-        if kind not in self._loaded:
-            self._loaded[kind] = self._factories[kind]()
-        return self._loaded[kind]
+def asr_backend(e: EvalConfig) -> str:
+    """``eval.asr``, or the profile's: pocketsphinx for the demo, else whisper (en) or paraformer (zh)."""
+    if e.asr != "auto":
+        return e.asr
+    if e.profile == "demo":
+        return "pocketsphinx"
+    return "whisper" if e.lang == "en" else "paraformer"
 
-    # ASR
-    def _build_asr(self, cfg: S2Config):
-        e = cfg.eval
-        if self.asr_kind == "pocketsphinx":
-            if self.lang != "en":
-                raise ValueError("pocketsphinx transcribes English only: use eval.asr=paraformer for zh")
-            from s2train.judges.asr import PocketSphinxASR
 
-            self.asr_name = "pocketsphinx en-us (offline demo judge)"
-            return lambda: PocketSphinxASR(ASRConfig())
-        if self.asr_kind == "paraformer":
-            from s2train.judges.asr import ParaformerASR
+def sim_backend(e: EvalConfig) -> str:
+    """``eval.sim``, or the profile's: resemblyzer for the demo, else WavLM-Large ECAPA-TDNN."""
+    if e.sim != "auto":
+        return e.sim
+    return "resemblyzer" if e.profile == "demo" else "wavlm_ecapa"
 
-            if not e.paraformer or not Path(e.paraformer).is_dir():
-                raise ValueError(
-                    f"eval.paraformer must be a local paraformer-zh folder; got {e.paraformer!r}"
-                )
-            self.asr_name = "paraformer-zh (funasr, no VAD or punctuation model)"
-            return lambda: ParaformerASR(e.paraformer, self.device)
-        from s2train.judges.asr import WhisperASR
 
-        checkpoint = e.whisper or cfg.judges.asr.whisper.checkpoint
-        if not checkpoint or not Path(checkpoint).is_file():
-            raise ValueError(
-                "eval.whisper must be a local openai-whisper checkpoint file (e.g. /models/whisper/large-v3.pt); "
-                f"got {checkpoint!r}. Hub names are not downloaded."
-            )
-        asr = ASRConfig(backend="whisper", whisper=WhisperConfig(checkpoint=checkpoint))
-        decoding = f"beam {self.beam_size}" if self.beam_size else "greedy"
-        self.asr_name = (
-            f"whisper {Path(checkpoint).stem} (openai-whisper, {decoding}, no timestamps, 30 s, fp32)"
-        )
-        return lambda: WhisperASR(asr, self.device)
+def beam_size(e: EvalConfig) -> int | None:
+    return 5 if e.profile == "f5" else None  # F5-TTS decodes with a beam of 5
 
-    def transcribe(self, path: Path) -> str:
-        model = self._model("asr")
-        if self.asr_kind == "paraformer":
-            return model([path])[0]
-        wav = read_for_asr(path)
-        if self.asr_kind == "pocketsphinx":
-            return model([wav.astype(np.float32)], ["en"])[0].text
-        return model.transcribe_window(wav, "en" if self.lang == "en" else "zh", self.beam_size)
 
-    # SIM
-    def _build_sim(self, cfg: S2Config):
-        e = cfg.eval
-        if self.sim_kind == "none":
-            self.sim_name = None
-            return lambda: None
-        if self.sim_kind == "wavlm_ecapa":
-            from s2train.judges.sim_wavlm import WavLMEcapaSim
-
-            if not e.sim_checkpoint or not Path(e.sim_checkpoint).is_file():
-                raise ValueError(
-                    "eval.sim_checkpoint must be UniSpeech's wavlm_large_finetune.pth (a local file) for the "
-                    "official SIM; or choose eval.sim=resemblyzer|speechbrain|none"
-                )
-            self.sim_name = WavLMEcapaSim.name
-            return lambda: WavLMEcapaSim(e.sim_checkpoint, self.device)
-        from s2train.judges.speaker import build_embedder
-
+def judges_config(cfg: S2Config) -> JudgesConfig:
+    """``cfg.judges`` with the ASR, the speaker embedder and the device that ``eval.*`` choose (a local
+    path given under ``eval`` first, else the one under ``judges``)."""
+    e, j = cfg.eval, cfg.judges
+    asr = asr_backend(e)
+    if asr == "pocketsphinx" and e.lang != "en":
+        raise ValueError("pocketsphinx transcribes English only: use eval.asr=paraformer for zh")
+    whisper = dataclasses.replace(j.asr.whisper, checkpoint=e.whisper or j.asr.whisper.checkpoint)
+    asr_cfg = dataclasses.replace(
+        j.asr, backend=asr, whisper=whisper, paraformer=e.paraformer or j.asr.paraformer
+    )
+    sim = sim_backend(e)
+    speaker = j.speaker
+    if sim == "wavlm_ecapa":
+        speaker = dataclasses.replace(j.speaker, backend=sim, checkpoint=e.sim_checkpoint)
+    elif sim == "speechbrain":
         speaker = dataclasses.replace(
-            cfg.judges.speaker,
-            backend=self.sim_kind,
-            checkpoint=e.speechbrain or cfg.judges.speaker.checkpoint,
+            j.speaker, backend=sim, checkpoint=e.speechbrain or j.speaker.checkpoint
         )
-        self.sim_name = "resemblyzer GE2E" if self.sim_kind == "resemblyzer" else "speechbrain ECAPA-TDNN"
-        if self.sim_kind == "speechbrain" and not (speaker.checkpoint and Path(speaker.checkpoint).is_dir()):
-            raise ValueError(f"eval.speechbrain must be a local ECAPA folder; got {speaker.checkpoint!r}")
-        return lambda: build_embedder(speaker, self.device)
+    elif sim == "resemblyzer":
+        speaker = dataclasses.replace(j.speaker, backend=sim)
+    device = e.device if e.device != "auto" else _auto_device()
+    return dataclasses.replace(j, asr=asr_cfg, speaker=speaker, device=device)
 
-    def similarity(self, generated: Path, prompt: Path) -> float | None:
-        model = self._model("sim")
-        if model is None:
-            return None
-        if self.sim_kind == "wavlm_ecapa":
-            from s2train.judges.sim_wavlm import load_audio_like_upstream
 
-            return float(
-                model.similarity(*load_audio_like_upstream(generated), *load_audio_like_upstream(prompt))
-            )
-        a, b = model.embed([read_16k(generated)]), model.embed([read_16k(prompt)])
-        return float(np.dot(a[0], b[0]) / (np.linalg.norm(a[0]) * np.linalg.norm(b[0])))
+def asr_name(e: EvalConfig, asr: ASRConfig) -> str:
+    if asr.backend == "pocketsphinx":
+        return "pocketsphinx en-us (offline demo judge)"
+    if asr.backend == "paraformer":
+        return "paraformer-zh (funasr, no VAD or punctuation model)"
+    decoding = f"beam {beam_size(e)}" if beam_size(e) else "greedy"
+    stem = Path(asr.whisper.checkpoint).stem
+    return f"whisper {stem} (openai-whisper, {decoding}, no timestamps, 30 s, fp32)"
 
-    def dnsmos(self, path: Path) -> dict:
-        if not self.dnsmos_on:
-            return {}
-        from s2train.judges.quality import dnsmos_model
 
-        scores = dnsmos_model(self.onnx_threads)(read_16k(path), self.hop_s)
-        return {f"dnsmos_{k}": round(v, 4) for k, v in scores.items()}
+def transcribe(judges: JudgeSuite, e: EvalConfig, path: Path) -> str:
+    """The official transcript of one file: Paraformer reads the file itself, Whisper decodes one 30 s
+    window of ``read_for_asr``'s samples (with F5-TTS's beam under its profile)."""
+    backend = judges.cfg.asr.backend
+    if backend == "paraformer":
+        return judges.asr.transcribe_files([path])[0]
+    wav = read_for_asr(path)
+    if backend == "pocketsphinx":
+        return judges.asr([wav.astype(np.float32)], ["en"])[0].text
+    return judges.asr.transcribe_window(wav, e.lang, beam_size(e))
+
+
+def similarity(judges: JudgeSuite, sim: str, generated: Path, prompt: Path) -> float | None:
+    """SIM of a clip and its prompt: WavLM-ECAPA as upstream loads the files, else the cosine of the
+    embedder's embeddings of the 16 kHz mono clips."""
+    if sim == "none":
+        return None
+    if sim == "wavlm_ecapa":
+        model = judges.embedder.model
+        return float(
+            model.similarity(*load_audio_like_upstream(generated), *load_audio_like_upstream(prompt))
+        )
+    a, b = judges.embedder.embed([read_16k(generated)]), judges.embedder.embed([read_16k(prompt)])
+    return float(np.dot(a[0], b[0]) / (np.linalg.norm(a[0]) * np.linalg.norm(b[0])))
+
+
+def dnsmos_scores(judges: JudgeSuite, path: Path) -> dict:
+    scores = judges.dnsmos(read_16k(path), judges.cfg.quality.dnsmos_hop_s)
+    return {f"dnsmos_{k}": round(v, 4) for k, v in scores.items()}
 
 
 def _auto_device() -> str:
@@ -313,22 +299,17 @@ def _auto_device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', '0')))}"
 
 
-def _default_asr(profile: str, lang: str) -> str:
-    if profile == "demo":
-        return "pocketsphinx"
-    return "whisper" if lang == "en" else "paraformer"
-
-
-def comparability(cfg: S2Config, judges: Judges) -> tuple[bool, str]:
+def comparability(cfg: S2Config) -> tuple[bool, str]:
     e = cfg.eval
     official_asr = "whisper" if e.lang == "en" else "paraformer"
+    asr, sim = asr_backend(e), sim_backend(e)
     reasons = []
     if e.profile == "demo":
         reasons.append("the demo profile uses offline judges")
-    if judges.asr_kind != official_asr:
-        reasons.append(f"its ASR is {judges.asr_kind}, not {official_asr}")
-    if judges.sim_kind not in ("wavlm_ecapa", "none"):
-        reasons.append(f"its SIM model is {judges.sim_name}, not WavLM-Large ECAPA-TDNN")
+    if asr != official_asr:
+        reasons.append(f"its ASR is {asr}, not {official_asr}")
+    if sim not in ("wavlm_ecapa", "none"):
+        reasons.append(f"its SIM model is {SIM_NAMES[sim]}, not WavLM-Large ECAPA-TDNN")
     if e.limit is not None:
         reasons.append(f"only the first {e.limit} utterances were scored")
     return not reasons, "; ".join(reasons)
@@ -378,43 +359,31 @@ def _append(path: Path, row: dict) -> None:
 
 
 def generate(cfg: S2Config, items: list[MetaItem], meta_path: Path) -> Path:
-    """Speak every item's target text in its prompt's voice with the inference engine (the synthesize
-    stage, resumable), into ``run_dir/generate/wav``."""
-    from s2train.inference import synthesize_stage
-
+    """Speak every item's target text in its prompt's voice through the shared synthesis call, into
+    ``run_dir/generate/wav`` (resumable: finished utterances are skipped)."""
     out = Path(cfg.run_dir) / "generate"
-    out.mkdir(parents=True, exist_ok=True)
-    d = cfg.data
-    requests = out / f"requests-part-{d.partition:05d}.jsonl"
-    lines = []
+    meta_dir = meta_path.resolve().parent
+    utterances = []
     for item in items:
-        if not synthesize_stage.SAFE_ID.match(item.utt):
+        if not SAFE_ID.match(item.utt):
             raise ValueError(
                 f"utterance {item.utt!r} cannot name a generated file: use letters, digits, _ and -"
             )
-        seed = zlib.crc32(f"{cfg.seed}:{item.utt}".encode())  # the same audio on any partitioning
-        lines.append(
-            {
-                "id": item.utt,
-                "text": item.target_text,
-                "reference_audio": str(item.prompt_wav),
-                "reference_text": item.prompt_text,
-                "seed": seed,
-            }
+        utterances.append(
+            Utterance(
+                item.utt,
+                item.target_text,
+                resolve_reference(str(item.prompt_wav), meta_dir, [meta_dir], item.utt),
+                item.prompt_text,
+                seed=zlib.crc32(f"{cfg.seed}:{item.utt}".encode()),  # the same audio on any partitioning
+            )
         )
-    write_text_atomic(requests, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
-    synth = dataclasses.replace(
-        cfg.synthesize,
-        text=None,
-        texts=[],
-        requests=str(requests),
-        reference_audio=None,
-        reference_text=None,
-        reference_dirs=[str(meta_path.resolve().parent)],
-        progress=cfg.eval.progress,
+    s = cfg.synthesize
+    synth = Synthesizer.open(
+        s, cfg.text, stage_input(cfg, "pretrain", s.model), s.codec or cfg.tokenize.codec
     )
-    sub = dataclasses.replace(cfg, synthesize=synth, run_dir=str(out))
-    synthesize_stage.run(sub, manifest=f"manifest-part-{d.partition:05d}.jsonl")
+    speak_to_folder(synth, utterances, out / "wav", progress=cfg.eval.progress)
+    write_manifest(out / f"manifest-part-{cfg.data.partition:05d}.jsonl", out / "wav", utterances)
     return out / "wav"
 
 
@@ -431,7 +400,9 @@ def run_seedtts(cfg: S2Config) -> dict:
         items = items[: e.limit]
     run_dir = Path(cfg.run_dir)
     share = _partition(cfg, items)
-    judges = Judges(cfg)  # its paths are checked before any generation
+    judges = JudgeSuite(judges_config(cfg), cfg.seed)  # each model loads on first use
+    sim = sim_backend(e)
+    judges.check_paths("asr", *(["embedder"] if sim != "none" else []))  # before any generation
     if e.gen_dir:
         gen_dir = Path(e.gen_dir).expanduser()
         if not gen_dir.is_dir():
@@ -439,7 +410,7 @@ def run_seedtts(cfg: S2Config) -> dict:
         system = gen_dir.name
     else:
         gen_dir = generate(cfg, share, meta_path) if share else run_dir / "generate" / "wav"
-        system = f"s2train ({Path(cfg.synthesize.model or Path(cfg.run_root) / cfg.name / 'pretrain').name})"
+        system = f"s2train ({stage_input(cfg, 'pretrain', cfg.synthesize.model).name})"
 
     rules = rules_for(e.profile)
     parts = run_dir / "parts"
@@ -459,11 +430,12 @@ def run_seedtts(cfg: S2Config) -> dict:
     for system_key, item, wav in tqdm(todo, desc="eval", unit="utt", disable=not e.progress):
         if not wav.is_file():
             raise ValueError(f"utterance {item.utt}: the ground-truth clip {wav} does not exist")
-        hyp = judges.transcribe(wav)
+        hyp = transcribe(judges, e, wav)
         row = seedtts.score_utterance(item.utt, item.target_text, hyp, e.lang, rules).row()
         row = {"system": system_key, **row, "audio": str(wav)}
-        row["sim"] = judges.similarity(wav, item.prompt_wav)
-        row.update(judges.dnsmos(wav))
+        row["sim"] = similarity(judges, sim, wav, item.prompt_wav)
+        if e.dnsmos:
+            row.update(dnsmos_scores(judges, wav))
         _append(part_file, row)
 
     # whichever partition finds every utterance scored writes the report
@@ -473,7 +445,8 @@ def run_seedtts(cfg: S2Config) -> dict:
         expected |= {(GROUND_TRUTH, i.utt) for i in items if i.gt_wav is not None}
     records = _read_records(parts)
     missing = expected - set(records)
-    comparable, reason = comparability(cfg, judges)
+    comparable, reason = comparability(cfg)
+    asr_model, sim_model = asr_name(e, judges.cfg.asr), SIM_NAMES[sim]
     test_set = e.test_set or ("test-en" if e.lang == "en" else "test-zh")
     summary = {
         "mode": "seedtts",
@@ -484,9 +457,9 @@ def run_seedtts(cfg: S2Config) -> dict:
         "test_set": test_set,
         "lang": e.lang,
         "gen_dir": str(gen_dir),
-        "asr_model": judges.asr_name,
-        "sim_model": judges.sim_name,
-        "protocol": f"profile {e.profile}: ASR {judges.asr_name}; SIM {judges.sim_name or 'none'}",
+        "asr_model": asr_model,
+        "sim_model": sim_model,
+        "protocol": f"profile {e.profile}: ASR {asr_model}; SIM {sim_model or 'none'}",
         "comparable": comparable,
         "comparable_reason": reason,
         "utterances_listed": len(items),

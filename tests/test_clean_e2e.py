@@ -11,7 +11,7 @@ import numpy as np
 import soundfile as sf
 import yaml
 
-from eval.wer import wer
+from s2train.judges.wer import wer
 from tests.conftest import read_jsonl
 
 CONTRACT_FIELDS = {

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from eval.wer import wer
 from s2train.judges.asr import (
     ASRConfig,
     PocketSphinxASR,
@@ -20,6 +19,7 @@ from s2train.judges.asr import (
     max_ngram_repeat,
     transcript_checks,
 )
+from s2train.judges.wer import wer
 
 SENTENCE = "Please put the green box on the table near the window."
 

@@ -1,11 +1,16 @@
 """Speech recognition judges and the filters that catch hallucinated transcripts.
 
-Two backends behind one call, ``asr(wavs, langs) -> list[Transcript]`` on 16 kHz mono audio:
+Three backends behind one call, ``asr(wavs, langs) -> list[Transcript]`` on 16 kHz mono audio:
 
 - ``whisper``: openai-whisper loaded from a local checkpoint file (``torch.load(weights_only=True)``,
   never a hub name); detects the language and its probability, gives word times and log-probabilities.
+- ``paraformer``: Paraformer-zh through funasr (the ``zh`` extra) from a local model folder; Mandarin
+  only, text without word times or scores.
 - ``pocketsphinx``: English only, fully offline (its model ships in the wheel). One decoder carries
   cepstral state from one utterance to the next, so each utterance gets a fresh decoder.
+
+A missing local model is refused by ``check_paths`` (which the backends call, and which
+``JudgeSuite.check_paths`` runs before anything loads) with a sentence naming the config key.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ class WhisperConfig:
 
 @dataclass
 class ASRConfig:
-    backend: str = "pocketsphinx"  # pocketsphinx | whisper
+    backend: str = "pocketsphinx"  # pocketsphinx | whisper | paraformer
     whisper: WhisperConfig = field(default_factory=WhisperConfig)
+    paraformer: str | None = None  # a local funasr paraformer-zh folder (model.pt, config.yaml, tokens)
     # Filters for hallucinated or unusable transcripts; each one is a reject reason.
     max_ngram_repeats: int = 4  # an n-gram (n = 1..4) repeated back to back more often than this
     min_unique_word_ratio: float = 0.3  # unique words / words, checked from 8 words on
@@ -54,12 +60,28 @@ class ASRConfig:
 
     def __post_init__(self) -> None:
         check(
-            self.backend in ("pocketsphinx", "whisper"),
-            f"judges.asr.backend must be pocketsphinx or whisper, not {self.backend!r}",
+            self.backend in ("pocketsphinx", "whisper", "paraformer"),
+            f"judges.asr.backend must be pocketsphinx, whisper or paraformer, not {self.backend!r}",
         )
 
 
-JUDGE_RATE = 16000
+def check_paths(cfg: ASRConfig) -> None:
+    """The ValueError building this backend would raise for a missing local model, without building it."""
+    if cfg.backend == "whisper":
+        checkpoint = cfg.whisper.checkpoint
+        if not checkpoint or not Path(checkpoint).is_file():
+            raise ValueError(
+                "judges.asr.whisper.checkpoint (eval.whisper in stage=eval) must be a local openai-whisper "
+                f"checkpoint file (e.g. /models/whisper/large-v3.pt); got {checkpoint!r}. "
+                "Hub names are not downloaded."
+            )
+    elif cfg.backend == "paraformer":
+        if not cfg.paraformer or not Path(cfg.paraformer).is_dir():
+            raise ValueError(
+                "judges.asr.paraformer (eval.paraformer in stage=eval) must be a local paraformer-zh model "
+                f"folder (funasr's model.pt, config.yaml, tokens); got {cfg.paraformer!r}. "
+                "Hub names are not downloaded."
+            )
 
 
 @dataclass
@@ -110,17 +132,12 @@ class PocketSphinxASR:
 
 class WhisperASR:
     def __init__(self, cfg: ASRConfig, device: str = "cpu"):
+        check_paths(cfg)
         import whisper
 
-        checkpoint = cfg.whisper.checkpoint
-        if not checkpoint or not Path(checkpoint).is_file():
-            raise ValueError(
-                "judges.asr.whisper.checkpoint must be a local openai-whisper checkpoint file "
-                f"(e.g. /models/whisper/large-v3.pt); got {checkpoint!r}. Hub names are not downloaded."
-            )
         self.cfg = cfg
         self.device = device
-        self.model = whisper.load_model(str(checkpoint), device=device)  # torch.load(weights_only=True)
+        self.model = whisper.load_model(str(cfg.whisper.checkpoint), device=device)  # weights_only=True
 
     def __call__(self, wavs: list[np.ndarray], langs: list[str | None]) -> list[Transcript]:
         import torch
@@ -193,26 +210,44 @@ class WhisperASR:
 
 class ParaformerASR:
     """Paraformer-zh through funasr (the ``zh`` extra), from a local model folder, with no VAD and no
-    punctuation model, as Seed-TTS-Eval runs it; ``__call__(paths) -> raw texts``."""
+    punctuation model, as Seed-TTS-Eval runs it."""
 
-    def __init__(self, model_dir: str | None, device: str = "cpu"):
-        if not model_dir or not Path(model_dir).is_dir():
-            raise ValueError(
-                "eval.paraformer must be a local paraformer-zh model folder (funasr's model.pt, config.yaml, "
-                f"tokens); got {model_dir!r}. Hub names are not downloaded."
-            )
+    languages = ("zh", "cmn")
+
+    def __init__(self, cfg: ASRConfig, device: str = "cpu"):
+        check_paths(cfg)
         try:
             from funasr import AutoModel
         except ImportError as error:
             raise ValueError("Paraformer needs funasr: pip install 's2train[zh]'") from error
-        self.model = AutoModel(model=str(model_dir), device=device, disable_update=True, disable_pbar=True)
+        self.model = AutoModel(
+            model=str(cfg.paraformer), device=device, disable_update=True, disable_pbar=True
+        )
 
-    def __call__(self, paths: list[str | Path]) -> list[str]:
+    def __call__(self, wavs: list[np.ndarray], langs: list[str | None]) -> list[Transcript]:
+        out = []
+        for wav, lang in zip(wavs, langs):
+            lang = lang or "zh"
+            if lang not in self.languages:
+                out.append(Transcript(text="", lang=lang, supported=False))
+                continue
+            audio = np.ascontiguousarray(wav, dtype=np.float32)
+            out.append(
+                Transcript(text=self.model.generate(input=audio, batch_size_s=300)[0]["text"], lang=lang)
+            )
+        return out
+
+    def transcribe_files(self, paths: list[str | Path]) -> list[str]:
+        """Seed-TTS-Eval's decoding: funasr reads each file itself; returns the texts as decoded."""
         return [self.model.generate(input=str(p), batch_size_s=300)[0]["text"] for p in paths]
 
 
-def build_asr(cfg: ASRConfig, device: str = "cpu") -> PocketSphinxASR | WhisperASR:
-    return WhisperASR(cfg, device) if cfg.backend == "whisper" else PocketSphinxASR(cfg)
+def build_asr(cfg: ASRConfig, device: str = "cpu") -> PocketSphinxASR | WhisperASR | ParaformerASR:
+    if cfg.backend == "whisper":
+        return WhisperASR(cfg, device)
+    if cfg.backend == "paraformer":
+        return ParaformerASR(cfg, device)
+    return PocketSphinxASR(cfg)
 
 
 # ------------------------------------------------------------------------------------------- filters

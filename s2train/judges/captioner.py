@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from s2train.judges import JUDGE_RATE
 from s2train.judges.asr import Word
 
 
@@ -26,7 +27,6 @@ class CaptionerConfig:
     bins: str = "v1"  # s2train/judges/caption_bins/<bins>.json, or a path to such a file
 
 
-JUDGE_RATE = 16000
 BINS_DIR = Path(__file__).parent / "caption_bins"
 
 

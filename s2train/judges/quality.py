@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from s2train.judges import JUDGE_RATE
+
 
 @dataclass
 class QualityConfig:
@@ -25,11 +27,10 @@ class QualityConfig:
     bandwidth_min_hz: float = 3500.0  # rejects telephone-band audio
 
 
-JUDGE_RATE = 16000
 DNSMOS_WINDOW_S = 9.01  # the input length of the DNSMOS models
 
 
-class _DNSMOS:
+class DNSMOS:
     """speechmos's DNSMOS models (P.835 SIG/BAK/OVRL and P.808), with sessions made once."""
 
     def __init__(self, threads: int):
@@ -65,9 +66,9 @@ class _DNSMOS:
 
 
 @lru_cache(maxsize=2)
-def dnsmos_model(threads: int = 0) -> _DNSMOS:
+def dnsmos_model(threads: int = 0) -> DNSMOS:
     """One set of ONNX sessions per process (and thread setting), shared by every caller."""
-    return _DNSMOS(threads)
+    return DNSMOS(threads)
 
 
 def snr_db(wav: np.ndarray, sample_rate: int = JUDGE_RATE) -> float:
@@ -114,17 +115,21 @@ def bandwidth_hz(native: np.ndarray, sample_rate: int, floor_db: float = -50.0) 
     return float(freqs[above[-1]]) if len(above) else 0.0
 
 
+def check_paths(cfg: QualityConfig) -> None:
+    """The ValueError a missing calibration file would raise when the judge is built, without building it."""
+    if cfg.calibration and not Path(cfg.calibration).is_file():
+        raise ValueError(
+            f"judges.quality.calibration points at {Path(cfg.calibration)}, which does not exist; run the "
+            "stage that writes it (stage=demo_corpus) or set judges.quality.calibration=null"
+        )
+
+
 def load_calibrated_threshold(cfg: QualityConfig) -> float:
     """``dnsmos_ovrl_min``, or the value a calibration file (written by ``stage=demo_corpus``) gives."""
     if not cfg.calibration:
         return cfg.dnsmos_ovrl_min
-    path = Path(cfg.calibration)
-    if not path.is_file():
-        raise ValueError(
-            f"judges.quality.calibration points at {path}, which does not exist; run the stage that "
-            "writes it (stage=demo_corpus) or set judges.quality.calibration=null"
-        )
-    return float(json.loads(path.read_text())["dnsmos_ovrl_min"])
+    check_paths(cfg)
+    return float(json.loads(Path(cfg.calibration).read_text())["dnsmos_ovrl_min"])
 
 
 class QualityJudge:

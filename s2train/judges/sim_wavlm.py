@@ -47,9 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from s2train.judges import JUDGE_RATE
+
 log = logging.getLogger(__name__)
 
-SIM_RATE = 16000
 MAX_DISTANCE = 800  # WavLM's relative-position range; the checkpoint holds only the bucket table
 CONV_STRIDES = {10: 5, 3: 2, 2: 2}  # conv kernel -> stride in the WavLM feature extractor
 WAVLM_PREFIX = "feature_extract.model."
@@ -503,7 +504,7 @@ class WavLMEcapaSim:
         import torchaudio
 
         if sample_rate not in self._resamplers:
-            self._resamplers[sample_rate] = torchaudio.transforms.Resample(sample_rate, SIM_RATE)
+            self._resamplers[sample_rate] = torchaudio.transforms.Resample(sample_rate, JUDGE_RATE)
         return self._resamplers[sample_rate](wave)
 
     @torch.inference_mode()

@@ -6,6 +6,8 @@ Backends share ``embed(windows) -> (N, D)`` l2-normalised embeddings of 16 kHz w
 - ``speechbrain``: an ECAPA-TDNN ``EncoderClassifier`` from a local folder (``hyperparams.yaml`` plus
   its checkpoints), e.g. a copy of spkrec-ecapa-voxceleb. Loading it runs the folder's hyperpyyaml, so
   point it only at folders you trust.
+- ``wavlm_ecapa``: Seed-TTS-Eval's SIM model (``sim_wavlm.WavLMEcapaSim``) from UniSpeech's
+  ``wavlm_large_finetune.pth``, each window embedded alone.
 
 The one-speaker check embeds overlapping windows of a segment's speech (its pauses cut out, so a
 silent window cannot look like a stranger) and rejects the segment when two windows are less alike
@@ -21,25 +23,49 @@ import numpy as np
 import torch
 
 from s2train.checks import check
+from s2train.judges import JUDGE_RATE
 
 
 @dataclass
 class SpeakerConfig:
-    backend: str = "resemblyzer"  # resemblyzer | speechbrain
-    checkpoint: str | None = None  # speechbrain: a local folder with hyperparams.yaml
+    backend: str = "resemblyzer"  # resemblyzer | speechbrain | wavlm_ecapa
+    # speechbrain: a local folder with hyperparams.yaml; wavlm_ecapa: a local wavlm_large_finetune.pth
+    checkpoint: str | None = None
     window_s: float = 1.6
     hop_s: float = 0.8
     min_similarity: float = 0.5  # reject when two windows of one segment are less alike than this
 
     def __post_init__(self) -> None:
         check(
-            self.backend in ("resemblyzer", "speechbrain"),
-            f"judges.speaker.backend must be resemblyzer or speechbrain, not {self.backend!r}",
+            self.backend in ("resemblyzer", "speechbrain", "wavlm_ecapa"),
+            f"judges.speaker.backend must be resemblyzer, speechbrain or wavlm_ecapa, not {self.backend!r}",
         )
         check(0 < self.hop_s <= self.window_s, "need 0 < speaker.hop_s <= speaker.window_s")
 
 
-JUDGE_RATE = 16000
+def check_paths(cfg: SpeakerConfig) -> None:
+    """The ValueError building this embedder would raise for a missing local model, without building it."""
+    if cfg.backend == "speechbrain":
+        _check_speechbrain(cfg.checkpoint)
+    elif cfg.backend == "wavlm_ecapa":
+        _check_wavlm_ecapa(cfg.checkpoint)
+
+
+def _check_speechbrain(folder: str | None) -> None:
+    if not folder or not (Path(folder) / "hyperparams.yaml").is_file():
+        raise ValueError(
+            "judges.speaker.checkpoint (eval.speechbrain in stage=eval) must be a local speechbrain folder "
+            f"with hyperparams.yaml (e.g. a copy of spkrec-ecapa-voxceleb); got {folder!r}"
+        )
+
+
+def _check_wavlm_ecapa(checkpoint: str | None) -> None:
+    if not checkpoint or not Path(checkpoint).is_file():
+        raise ValueError(
+            "judges.speaker.checkpoint (eval.sim_checkpoint in stage=eval) must be UniSpeech's "
+            f"wavlm_large_finetune.pth (a local file) for the official SIM; got {checkpoint!r}. "
+            "Or choose eval.sim=resemblyzer|speechbrain|none"
+        )
 
 
 class ResemblyzerEmbedder:
@@ -61,11 +87,7 @@ class ResemblyzerEmbedder:
 
 class SpeechBrainEmbedder:
     def __init__(self, folder: str | None, device: str = "cpu"):
-        if not folder or not (Path(folder) / "hyperparams.yaml").is_file():
-            raise ValueError(
-                "judges.speaker.checkpoint must be a local speechbrain folder with hyperparams.yaml "
-                f"(e.g. a copy of spkrec-ecapa-voxceleb); got {folder!r}"
-            )
+        _check_speechbrain(folder)
         from speechbrain.inference.speaker import EncoderClassifier
         from speechbrain.utils.fetching import LocalStrategy
 
@@ -91,9 +113,29 @@ class SpeechBrainEmbedder:
         return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
 
 
-def build_embedder(cfg: SpeakerConfig, device: str = "cpu") -> ResemblyzerEmbedder | SpeechBrainEmbedder:
+class WavLMEcapaEmbedder:
+    """Seed-TTS-Eval's SIM model behind the embedder interface; ``model`` is the ``WavLMEcapaSim`` itself
+    (its ``similarity`` resamples each clip from its own rate, as upstream does)."""
+
+    def __init__(self, checkpoint: str | None, device: str = "cpu"):
+        _check_wavlm_ecapa(checkpoint)
+        from s2train.judges.sim_wavlm import WavLMEcapaSim
+
+        self.model = WavLMEcapaSim(checkpoint, device)
+
+    def embed(self, windows: list[np.ndarray]) -> np.ndarray:
+        emb = torch.stack([self.model.embed(w, JUDGE_RATE) for w in windows])
+        return torch.nn.functional.normalize(emb, dim=-1).numpy()
+
+
+Embedder = ResemblyzerEmbedder | SpeechBrainEmbedder | WavLMEcapaEmbedder
+
+
+def build_embedder(cfg: SpeakerConfig, device: str = "cpu") -> Embedder:
     if cfg.backend == "speechbrain":
         return SpeechBrainEmbedder(cfg.checkpoint, device)
+    if cfg.backend == "wavlm_ecapa":
+        return WavLMEcapaEmbedder(cfg.checkpoint, device)
     return ResemblyzerEmbedder(device)
 
 
@@ -110,9 +152,9 @@ def windows_of(wav: np.ndarray, window_s: float, hop_s: float) -> list[np.ndarra
 class SpeakerJudge:
     """``judge(wavs) -> [{min_similarity, mean_similarity, windows}]`` and its keep rule."""
 
-    def __init__(self, cfg: SpeakerConfig, device: str = "cpu"):
+    def __init__(self, cfg: SpeakerConfig, device: str = "cpu", embedder: Embedder | None = None):
         self.cfg = cfg
-        self.embedder = build_embedder(cfg, device)
+        self.embedder = embedder or build_embedder(cfg, device)
 
     def __call__(self, wavs: list[np.ndarray]) -> list[dict]:
         out = []

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from s2train.checks import check
+from s2train.judges import JUDGE_RATE
 
 
 @dataclass
@@ -39,9 +40,8 @@ class VADConfig:
         )
 
 
-SAMPLE_RATE = 16000
 FRAME = 512  # samples per silero frame at 16 kHz (32 ms)
-FRAME_S = FRAME / SAMPLE_RATE
+FRAME_S = FRAME / JUDGE_RATE
 
 Region = tuple[float, float]
 
@@ -66,16 +66,16 @@ class SileroVAD:
             usable = len(samples) // FRAME * FRAME
             frames = torch.from_numpy(np.ascontiguousarray(samples[:usable], dtype=np.float32))
             for frame in frames.split(FRAME):
-                probs.append(float(self.model(frame, SAMPLE_RATE)))
+                probs.append(float(self.model(frame, JUDGE_RATE)))
             carry = samples[usable:]
         if len(carry):
             tail = torch.from_numpy(np.pad(carry, (0, FRAME - len(carry))).astype(np.float32))
-            probs.append(float(self.model(tail, SAMPLE_RATE)))
+            probs.append(float(self.model(tail, JUDGE_RATE)))
         return np.asarray(probs, dtype=np.float32)
 
     def __call__(self, wavs: list[np.ndarray]) -> list[list[Region]]:
         """Speech regions of each 16 kHz waveform."""
-        return [speech_regions(self.probabilities([wav]), self.cfg, len(wav) / SAMPLE_RATE) for wav in wavs]
+        return [speech_regions(self.probabilities([wav]), self.cfg, len(wav) / JUDGE_RATE) for wav in wavs]
 
 
 def speech_regions(probs: np.ndarray, cfg: VADConfig, duration: float) -> list[Region]:

@@ -1,7 +1,8 @@
 """Word error rate with a light normaliser, for checks on English transcripts.
 
-The benchmark harnesses bring their own, officially specified normalisers; this one is for the data
-pipeline's own measurements (lowercase, punctuation dropped, whitespace collapsed).
+The benchmark harnesses bring their own, officially specified normalisers (``eval/seedtts.py``); this
+one is for the framework's own measurements, such as the codec stage's held-out WER and the clean
+stage's tests (lowercase, punctuation dropped, whitespace collapsed).
 """
 
 from __future__ import annotations
