@@ -19,7 +19,6 @@ from s2train.audio import flac_bytes
 from s2train.shards import write_tar
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 # experiment=demo as the README runs it, but with a few training steps instead of minutes of them
 DEMO_SHORT = [
     "codec_train.max_steps=16",

@@ -14,7 +14,7 @@ from s2train.models.codec import Codec
 from s2train.models.codec import tiny as codec_tiny
 from s2train.models.dual_ar import DualAR, tiny
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "fish_s2"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "fish_s2"  # released S2 Pro formats, tiny weights
 
 
 def test_our_dual_ar_round_trips_exactly(tmp_path):
@@ -58,7 +58,6 @@ def test_what_is_not_a_checkpoint_is_refused_with_a_sentence(tmp_path):
         load_codec(tmp_path / "not_a_codec.pt")
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="needs ../shared/fixtures/fish_s2 (the released formats)")
 def test_released_folders_open_through_the_same_calls():
     model_dir = next(
         p for p in sorted(FIXTURES.rglob("config.json")) if (p.parent / "tokenizer.json").is_file()

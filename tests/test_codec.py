@@ -1,7 +1,7 @@
 """The RVQ codec (``s2train.models.codec``) and the released-format loader (``s2train.compat.fish_codec``).
 
 Property tests run on the ``tiny`` preset; ``s2pro`` is built once for its shape and parameter count.
-Parity tests load the tiny upstream checkpoint from the shared fixtures and compare against tensors that
+Parity tests load the tiny upstream checkpoint from tests/fixtures/fish_s2 and compare against tensors that
 upstream fish-speech produced (README section 3 of the fixture folder).
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 from s2train.compat.fish_codec import load_fish_codec, read_codec_state_dict
 from s2train.models.codec import Codec, CodecConfig, s2pro, tiny
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "fish_s2"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "fish_s2"  # released S2 Pro formats, tiny weights
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -393,10 +393,6 @@ def test_a_few_steps_lower_the_loss():
 @pytest.fixture(scope="module")
 def fish():
     """(loaded tiny upstream codec, reference tensors)."""
-    if not FIXTURES.is_dir():
-        pytest.skip(
-            f"the shared fixtures are absent ({FIXTURES}), so released-format parity cannot be checked"
-        )
     return load_fish_codec(FIXTURES / "tiny_codec"), load_file(FIXTURES / "codec_refs.safetensors")
 
 

@@ -1,4 +1,4 @@
-"""Parity with upstream fish-speech on the tiny S2 Pro fixture (``shared/fixtures/fish_s2``, README
+"""Parity with upstream fish-speech on the tiny S2 Pro fixture (``tests/fixtures/fish_s2``, README
 sections 1 and 2): loading, RoPE tables, both embedding paths, the fast model, the padded training batch
 and its loss, and greedy generation in the official chat format. Tolerances are the README's (2.f)."""
 
@@ -20,14 +20,10 @@ from s2train.models.dual_ar import DualAR
 from s2train.models.layers import rope_cos_sin
 from s2train.training.dual_ar_loss import dual_ar_loss, select_fast_rows
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "fish_s2"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "fish_s2"  # released S2 Pro formats, tiny weights
 SINGLE, SHARDED = FIXTURES / "tiny_s2pro", FIXTURES / "tiny_s2pro_sharded"
 REFS = FIXTURES / "dualar_refs.safetensors"
 
-pytestmark = pytest.mark.skipif(
-    not (SINGLE.is_dir() and SHARDED.is_dir() and REFS.is_file()),
-    reason=f"the Fish S2 Pro parity fixtures are not at {FIXTURES}",
-)
 
 LOGITS = dict(atol=5e-5, rtol=0)  # README 2.f: logits atol 5e-5
 HIDDEN = dict(atol=1e-5, rtol=0)  # hidden states and embeddings atol 1e-5

@@ -22,7 +22,7 @@ from s2train.models.dual_ar import DualAR, tiny
 from s2train.text.tokenizer import TextConfig
 from tests.conftest import read_jsonl, run_cli
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "fish_s2"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "fish_s2"  # released S2 Pro formats, tiny weights
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +196,6 @@ def _dup(folder: Path) -> Path:
     return path
 
 
-@pytest.mark.skipif(
-    not (FIXTURES / "tiny_s2pro").is_dir(), reason=f"the S2 Pro fixtures are not at {FIXTURES}"
-)
 def test_a_released_s2_pro_folder_synthesises(tmp_path):
     cfg = S2Config(
         stage="synthesize",

@@ -1,5 +1,5 @@
 """Text side: the byte tokenizer has the tiny S2 Pro tokenizer's layout, and the one prompt builder
-reproduces upstream's chat prompt (``d.prompt``) and labels (``a.labels``) from the shared fixtures."""
+reproduces upstream's chat prompt (``d.prompt``) and labels (``a.labels``) from the fixtures in tests/fixtures/fish_s2."""
 
 from __future__ import annotations
 
@@ -21,22 +21,18 @@ from s2train.text.tokenizer import (
     speaker_token,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "fish_s2"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "fish_s2"  # released S2 Pro formats, tiny weights
 TINY = FIXTURES / "tiny_s2pro"
 MIXED = "<|speaker:1|>Héllo, 世界!\n<|im_end|> <|bogus|> <|semantic:3|>x"
 
 
 @pytest.fixture(scope="module")
 def hf():
-    if not (TINY / "tokenizer.json").is_file():
-        pytest.skip(f"the shared S2 fixtures are absent ({TINY}), so upstream parity cannot be checked")
     return HFTokenizer(TINY)
 
 
 @pytest.fixture(scope="module")
 def refs():
-    if not (FIXTURES / "dualar_refs.safetensors").is_file():
-        pytest.skip(f"the shared S2 fixtures are absent ({FIXTURES}), so upstream parity cannot be checked")
     return load_file(FIXTURES / "dualar_refs.safetensors")
 
 
