@@ -23,6 +23,7 @@ import json
 import re
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,6 +56,10 @@ class CleanConfig:
 
     def __post_init__(self) -> None:
         check(self.files_per_shard >= 1, "clean.files_per_shard must be at least 1")
+        check(
+            self.block_s > 0,
+            f"clean.block_s (seconds decoded at a time) must be positive, not {self.block_s}",
+        )
         check(self.sample_rate >= 8000, "clean.sample_rate must be at least 8000")
 
 
@@ -105,6 +110,16 @@ def _error(item: SourceItem, error: Exception) -> dict:
     return {"error": message[:300]}
 
 
+def _finite(blocks: Iterator[np.ndarray], count: list[int]) -> Iterator[np.ndarray]:
+    """``blocks`` with NaN and infinite samples zeroed, their number appended to ``count``."""
+    for block in blocks:
+        bad = ~np.isfinite(block)
+        if bad.any():
+            count.append(int(bad.sum()))
+            block = np.where(bad, 0.0, block).astype(np.float32)
+        yield block
+
+
 def process_item(item: SourceItem, cfg: S2Config, judges: JudgeSuite, out: UnitResult) -> float:
     """Clean one recording into ``out``; returns its duration in seconds."""
     src = item.source
@@ -120,9 +135,14 @@ def process_item(item: SourceItem, cfg: S2Config, judges: JudgeSuite, out: UnitR
         if reader.frames == 0:
             out.reject(src, 0.0, 0.0, "decode", "empty_audio", {"frames": 0})
             return 0.0
+        if duration < cfg.judges.vad.min_segment_s:  # no segment of it could be kept: not worth a judge
+            out.reject(src, 0.0, duration, "vad", "too_short", {"duration": round(duration, 3)})
+            return duration
         vad = judges.vad  # built on first use, outside the try: a judge that cannot load stops the run
+        non_finite: list[int] = []
         try:
-            probs = vad.probabilities(stream_mono(reader, JUDGE_RATE, cfg.clean.block_s))
+            blocks = _finite(stream_mono(reader, JUDGE_RATE, cfg.clean.block_s), non_finite)
+            probs = vad.probabilities(blocks)
         except Exception as error:  # a file that breaks part-way through decoding
             out.reject(
                 src,
@@ -132,6 +152,9 @@ def process_item(item: SourceItem, cfg: S2Config, judges: JudgeSuite, out: UnitR
                 "unreadable",
                 _error(item, error),
             )
+            return duration
+        if non_finite:  # NaN or infinite samples: no judge can measure them, and no shard may hold them
+            out.reject(src, 0.0, duration, "decode", "non_finite_samples", {"samples": sum(non_finite)})
             return duration
         regions = speech_regions(probs, cfg.judges.vad, duration)
         if not regions:
@@ -269,7 +292,8 @@ def run(cfg: S2Config) -> dict:
     todo = ledger.todo
     started, audio_s = time.perf_counter(), 0.0
     if todo:
-        torch.set_num_threads(cfg.judges.threads)
+        if cfg.judges.threads:
+            torch.set_num_threads(cfg.judges.threads)
         judges = JudgeSuite(cfg.judges, cfg.seed)  # each judge loads on first use, once per process
         judges.check_paths()  # a missing local model stops the run before any unit starts
         bar = tqdm(

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from data_pipeline.shards import UnitLedger
 from s2train.audio import resample
-from s2train.checks import check
 from s2train.checkpoints import open_codec
+from s2train.checks import check
 from s2train.models.codec import Codec
 from s2train.runs import stage_input, write_json_atomic, write_text_atomic
 from s2train.shards import read_tar, write_tar
@@ -113,7 +113,8 @@ def run(cfg: S2Config) -> dict:
             f"{run_dir} holds a tokenize run of other shards or another codec; use another run_dir="
         )
     write_json_atomic(plan_file, plan)
-    torch.set_num_threads(cfg.judges.threads)
+    if cfg.judges.threads:
+        torch.set_num_threads(cfg.judges.threads)
     ledger = UnitLedger(run_dir, len(shards), cfg.data.partition, cfg.data.num_partitions)
     todo = ledger.todo
     started, audio_s = time.perf_counter(), 0.0

@@ -27,6 +27,15 @@ from omegaconf import OmegaConf
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # the process's, read once
+
+
 def stage_run_dir(cfg) -> Path:
     if cfg.run_dir:
         return Path(cfg.run_dir)
@@ -90,6 +99,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; outputs are shared as any new file would be
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from s2train.checks import check
 from s2train.judges import JUDGE_RATE
 
 
@@ -25,6 +26,16 @@ class QualityConfig:
     snr_min_db: float = 15.0
     clipping_max_ratio: float = 0.001  # fraction of samples at full scale
     bandwidth_min_hz: float = 3500.0  # rejects telephone-band audio
+
+    def __post_init__(self) -> None:
+        check(self.dnsmos_hop_s > 0, f"judges.quality.dnsmos_hop_s must be positive, not {self.dnsmos_hop_s}")
+        check(
+            self.onnx_threads >= 0, "judges.quality.onnx_threads cannot be negative (0: onnxruntime decides)"
+        )
+        check(
+            0 <= self.clipping_max_ratio <= 1,
+            f"judges.quality.clipping_max_ratio is a fraction of samples: 0 to 1, not {self.clipping_max_ratio}",
+        )
 
 
 DNSMOS_WINDOW_S = 9.01  # the input length of the DNSMOS models

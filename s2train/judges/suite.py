@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from s2train.checks import check
 from s2train.judges.asr import ASRConfig, ParaformerASR, PocketSphinxASR, WhisperASR, build_asr
 from s2train.judges.asr import check_paths as check_asr_paths
 from s2train.judges.captioner import CaptionerConfig, RuleCaptioner
@@ -34,7 +35,14 @@ class JudgesConfig:
     speaker: SpeakerConfig = field(default_factory=SpeakerConfig)
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     device: str = "cpu"
-    threads: int = 2  # torch intra-op threads for the judges (the clean stage sets them)
+    threads: int = (
+        2  # torch intra-op threads for the judges (clean and tokenize set them); 0: torch's default
+    )
+
+    def __post_init__(self) -> None:
+        check(
+            self.threads >= 0, f"judges.threads cannot be negative (0: torch's default), not {self.threads}"
+        )
 
 
 JUDGES = ("vad", "quality", "speaker", "asr", "captioner", "embedder", "dnsmos")

@@ -63,9 +63,9 @@ class SileroVAD:
         carry = np.zeros(0, np.float32)
         for block in blocks:
             samples = np.concatenate([carry, block]) if len(carry) else block
-            usable = len(samples) // FRAME * FRAME
+            usable = len(samples) // FRAME * FRAME  # 0 when block + carry is under one frame
             frames = torch.from_numpy(np.ascontiguousarray(samples[:usable], dtype=np.float32))
-            for frame in frames.split(FRAME):
+            for frame in frames.split(FRAME) if usable else ():
                 probs.append(float(self.model(frame, JUDGE_RATE)))
             carry = samples[usable:]
         if len(carry):
