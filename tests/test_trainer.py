@@ -153,3 +153,22 @@ def test_zero3_pretraining_exports_the_whole_model(tiny_token_run, tmp_path):
         "strategy=deepspeed_zero3",
     )
     assert json.loads((run_dir / "results.json").read_text())["resumed_from_step"] == 3
+
+
+def test_a_run_stopped_by_sigterm_exits_non_zero(tiny_token_run, tmp_path):
+    """A scheduler or wrapper must not take a stopped run for a finished one."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    run_dir = tmp_path / "stopped"
+    args = [*PRETRAIN, f"lm_data.input={tiny_token_run}", f"run_dir={run_dir}", "train.max_steps=100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "s2train", *args], cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / "losses.jsonl").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    assert not (run_dir / "results.json").exists()

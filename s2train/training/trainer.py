@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
+import signal
 import time
 import warnings
 from collections.abc import Iterable
@@ -34,6 +35,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from s2train.checks import check
@@ -201,10 +203,15 @@ class Fitted:
 
 def fit(trainer: L.Trainer, module: L.LightningModule, resume: Path | None, **data: Any) -> Fitted:
     """``trainer.fit`` from ``resume`` (or from scratch), then ``last.ckpt`` of the final step whatever
-    ``checkpoint_every`` says (every rank takes part). ``data``: ``train_dataloaders`` or ``datamodule``."""
+    ``checkpoint_every`` says (every rank takes part). ``data``: ``train_dataloaders`` or ``datamodule``.
+    A run stopped by SIGTERM exits with status 143, not 0: it did not finish (it resumes from its last
+    checkpoint when started again)."""
     step_before = checkpoint_step(resume) if resume is not None else 0
     started = time.perf_counter()
-    trainer.fit(module, **data, ckpt_path=str(resume) if resume else None, weights_only=True)
+    try:
+        trainer.fit(module, **data, ckpt_path=str(resume) if resume else None, weights_only=True)
+    except SIGTERMException as stop:  # Lightning's is a SystemExit with status 0: a scheduler saw success
+        raise SystemExit(128 + signal.SIGTERM) from stop
     train_s = time.perf_counter() - started
     trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt", weights_only=False)
     return Fitted(step_before, train_s)
