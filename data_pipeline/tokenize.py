@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data_pipeline.shards import UnitLedger
 from s2train.audio import resample
-from s2train.checkpoints import open_codec
+from s2train.checkpoints import codec_files, open_codec
 from s2train.checks import check
 from s2train.models.codec import Codec
 from s2train.runs import stage_input, write_json_atomic, write_text_atomic
@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class TokenizeConfig:
-    codec: str | None = None  # our codec checkpoint (the codec.pt of stage=codec) or a released S2 Pro codec folder
+    codec: str | None = (
+        None  # our codec checkpoint (the codec.pt of stage=codec) or a released S2 Pro codec folder
+    )
     input: str | None = None  # a clean run directory; None: run_root/name/clean
     batch_size: int = 8  # utterances encoded together (sorted by length, so padding stays small)
     progress: bool = True
@@ -50,12 +52,15 @@ class TokenizeConfig:
         check(self.batch_size >= 1, "tokenize.batch_size must be at least 1")
 
 
-def _file_digest(spec: str) -> str:
-    path = Path(spec)
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+def codec_digest(spec: str) -> str:
+    """sha256 (16 hex digits) of the files the codec is loaded from, read in 1 MiB pieces: a released
+    folder's other files (the language model's weights) are not read."""
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode() + f.read_bytes())
+    for f in codec_files(spec):
+        digest.update(f.name.encode())
+        with open(f, "rb") as stream:
+            for piece in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(piece)
     return digest.hexdigest()[:16]
 
 
@@ -105,7 +110,7 @@ def run(cfg: S2Config) -> dict:
         "clean": str(clean_dir.resolve()),
         "shards": [s.name for s in shards],
         "codec": codec_name,
-        "codec_sha256": _file_digest(cfg.tokenize.codec),
+        "codec_sha256": codec_digest(cfg.tokenize.codec),
     }
     plan_file = run_dir / "plan.json"
     if plan_file.exists() and json.loads(plan_file.read_text()) != plan:

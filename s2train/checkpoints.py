@@ -70,6 +70,21 @@ def open_codec(spec: str | Path | None, key: str = "tokenize.codec") -> tuple[Co
     return load_codec(path), path.stem
 
 
+def codec_files(spec: str | Path) -> list[Path]:
+    """The files ``open_codec(spec)`` reads: ``codec.pt``, or a released ``codec.pth`` and the
+    ``config.json`` beside it (which may describe the Dual-AR model instead; it is read either way)."""
+    path = Path(spec)
+    if path.is_dir():
+        ours = path / "codec.pt"
+        weights = ours if ours.is_file() else path / "codec.pth"
+    else:
+        weights = path
+    files = [weights]
+    if weights.suffix == ".pth" and (weights.parent / "config.json").is_file():
+        files.append(weights.parent / "config.json")
+    return files
+
+
 # ------------------------------------------------------------------------------------------ Dual-AR
 
 

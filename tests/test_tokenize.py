@@ -87,3 +87,21 @@ def test_open_codec_explains_what_it_needs(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an s2train codec checkpoint"):
         open_codec(str(tmp_path / "other.pt"))
+
+
+def test_the_codec_digest_reads_only_the_codecs_files(tmp_path, codec_file):
+    """A released folder also holds the language model's weights (GBs): they are neither hashed nor read."""
+    import shutil
+
+    from data_pipeline.tokenize import codec_digest
+    from s2train.checkpoints import codec_files
+
+    folder = tmp_path / "release"
+    folder.mkdir()
+    shutil.copy(codec_file, folder / "codec.pt")
+    before = codec_digest(str(folder))
+    (folder / "model.safetensors").write_bytes(b"\0" * 4096)  # a stand-in for the LM weights
+    assert codec_files(folder) == [folder / "codec.pt"]
+    assert codec_digest(str(folder)) == before == codec_digest(str(folder / "codec.pt"))
+    (folder / "codec.pt").write_bytes((folder / "codec.pt").read_bytes() + b"\0")
+    assert codec_digest(str(folder)) != before
