@@ -1,6 +1,8 @@
 """Seed-TTS-Eval meta lists: ``utt|prompt_text|prompt_wav|target_text[|gt_wav]`` a line.
 
-Relative paths are relative to the list's folder. The audio under test is ``<gen_dir>/<utt>.wav``; an
+Relative paths are relative to the list's folder, and every clip a list names, links resolved, must lie
+inside the folders the user allowed (by default the list's own folder): a list cannot make the harness
+read ``../../etc/shadow``. The audio under test is ``<gen_dir>/<utt>.wav``; an
 utterance without that file is skipped and counted, as the official scripts skip it.
 """
 
@@ -19,11 +21,23 @@ class MetaItem:
     gt_wav: Path | None = None
 
 
-def read_meta(path: str | Path) -> list[MetaItem]:
+def read_meta(path: str | Path, allowed: list[Path] | None = None) -> list[MetaItem]:
+    """The items of a meta list; ``allowed``: the folders its clips may lie in (default: its folder)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"eval.meta={path} is not a file (a Seed-TTS-Eval meta.lst)")
     base = path.resolve().parent
+    allowed = [Path(a).expanduser().resolve() for a in allowed] if allowed else [base]
+
+    def clip(name: str, line_no: int) -> Path:
+        resolved = (base / name).resolve()
+        if not any(resolved.is_relative_to(folder) for folder in allowed):
+            raise ValueError(
+                f"{path.name} line {line_no} names {name!r}, which resolves to {resolved}, outside the "
+                f"allowed folders {[str(a) for a in allowed]}; add its folder to eval.audio_dirs"
+            )
+        return resolved
+
     items, seen = [], set()
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = line.strip()
@@ -41,8 +55,8 @@ def read_meta(path: str | Path) -> list[MetaItem]:
         if utt in seen:
             raise ValueError(f"{path.name} line {line_no}: utterance {utt!r} is listed twice")
         seen.add(utt)
-        gt = base / fields[4] if len(fields) == 5 and fields[4] else None
-        items.append(MetaItem(utt, fields[1], base / fields[2], fields[3], gt))
+        gt = clip(fields[4], line_no) if len(fields) == 5 and fields[4] else None
+        items.append(MetaItem(utt, fields[1], clip(fields[2], line_no), fields[3], gt))
     if not items:
         raise ValueError(f"{path} lists no utterance")
     return items

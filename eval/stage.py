@@ -28,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,6 @@ from s2train.inference.synthesis import (
     SAFE_ID,
     Synthesizer,
     Utterance,
-    resolve_reference,
     speak_to_folder,
     write_manifest,
 )
@@ -75,6 +75,8 @@ class EvalConfig:
     # None: test-en or test-zh by lang
     gen_dir: str | None = None  # score this folder of <utt>.wav; None: generate into run_dir/generate/wav
     input: str | None = None  # mode=transcripts: the JSONL file
+    audio_dirs: list[str] = field(default_factory=list)  # folders the meta list's clips may lie in (links
+    # resolved); empty: the meta list's own folder
     limit: int | None = None  # the first N utterances of the meta list only
     ground_truth: bool = True  # also score the gt_wav of 5-field lines, as the ground-truth row
     asr: str = "auto"  # auto (the profile's) | whisper | paraformer | pocketsphinx
@@ -118,6 +120,22 @@ GENERATED, GROUND_TRUTH = "generated", "ground_truth"
 
 def run(cfg: S2Config) -> dict | None:
     return run_transcripts(cfg) if cfg.eval.mode == "transcripts" else run_seedtts(cfg)
+
+
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
+
+
+def check_language(items: list[MetaItem], lang: str, meta_path: Path) -> None:
+    """Chinese target texts scored by English rules (or the reverse) give WERs in the thousands: refuse."""
+    chinese = sum(bool(CJK.search(item.target_text)) for item in items)
+    if lang == "en" and chinese > len(items) / 2:
+        raise ValueError(
+            f"{chinese} of {len(items)} target texts of {meta_path} are Chinese: set eval.lang=zh"
+        )
+    if lang == "zh" and chinese < len(items) / 2:
+        raise ValueError(
+            f"only {chinese} of {len(items)} target texts of {meta_path} are Chinese: set eval.lang=en"
+        )
 
 
 def rules_for(profile: str) -> seedtts.Profile:
@@ -358,13 +376,14 @@ def _append(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def generate(cfg: S2Config, items: list[MetaItem], meta_path: Path) -> Path:
+def generate(cfg: S2Config, items: list[MetaItem]) -> Path:
     """Speak every item's target text in its prompt's voice through the shared synthesis call, into
     ``run_dir/generate/wav`` (resumable: finished utterances are skipped)."""
     out = Path(cfg.run_dir) / "generate"
-    meta_dir = meta_path.resolve().parent
     utterances = []
     for item in items:
+        if not item.prompt_wav.is_file():
+            raise ValueError(f"utterance {item.utt}: the prompt clip {item.prompt_wav} does not exist")
         if not SAFE_ID.match(item.utt):
             raise ValueError(
                 f"utterance {item.utt!r} cannot name a generated file: use letters, digits, _ and -"
@@ -373,7 +392,7 @@ def generate(cfg: S2Config, items: list[MetaItem], meta_path: Path) -> Path:
             Utterance(
                 item.utt,
                 item.target_text,
-                resolve_reference(str(item.prompt_wav), meta_dir, [meta_dir], item.utt),
+                item.prompt_wav,  # resolved and confined by read_meta
                 item.prompt_text,
                 seed=zlib.crc32(f"{cfg.seed}:{item.utt}".encode()),  # the same audio on any partitioning
             )
@@ -395,7 +414,8 @@ def run_seedtts(cfg: S2Config) -> dict:
         )
     cfg = with_launcher_share(cfg)
     meta_path = Path(e.meta).expanduser()
-    items = read_meta(meta_path)
+    items = read_meta(meta_path, [Path(d) for d in e.audio_dirs])
+    check_language(items, e.lang, meta_path)
     if e.limit:
         items = items[: e.limit]
     run_dir = Path(cfg.run_dir)
@@ -409,7 +429,7 @@ def run_seedtts(cfg: S2Config) -> dict:
             raise ValueError(f"eval.gen_dir={gen_dir} is not a folder of <utt>.wav files")
         system = gen_dir.name
     else:
-        gen_dir = generate(cfg, share, meta_path) if share else run_dir / "generate" / "wav"
+        gen_dir = generate(cfg, share) if share else run_dir / "generate" / "wav"
         system = f"s2train ({stage_input(cfg, 'pretrain', cfg.synthesize.model).name})"
 
     rules = rules_for(e.profile)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from eval import seedtts
@@ -137,11 +139,11 @@ def test_meta_with_four_and_five_fields(tmp_path):
         "u1|Prompt one.|prompt-wavs/a.wav|Target one.\n\nu2|Prompt two.|/abs/b.wav|Target two.|wavs/u2.wav\n",
         encoding="utf-8",
     )
-    items = read_meta(meta)
+    items = read_meta(meta, [meta.parent, Path("/abs")])  # eval.audio_dirs allows the absolute path
     assert [i.utt for i in items] == ["u1", "u2"]
     assert items[0].prompt_wav == meta.parent.resolve() / "prompt-wavs" / "a.wav"
     assert items[0].gt_wav is None and items[0].target_text == "Target one."
-    assert str(items[1].prompt_wav) == "/abs/b.wav"  # absolute paths stay
+    assert str(items[1].prompt_wav) == "/abs/b.wav"  # absolute paths stay (inside an allowed folder)
     assert items[1].gt_wav == meta.parent.resolve() / "wavs" / "u2.wav"
 
 

@@ -101,3 +101,39 @@ def test_a_new_process_records_its_umask(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+
+
+def test_a_meta_list_cannot_name_clips_outside_the_allowed_folders(tmp_path):
+    from eval.meta import read_meta
+
+    lists = tmp_path / "set"
+    (lists / "wavs").mkdir(parents=True)
+    (tmp_path / "secret.wav").write_bytes(b"")
+    meta = lists / "meta.lst"
+    meta.write_text("a|Prompt.|wavs/p.wav|Target.\nb|Prompt.|../secret.wav|Target.\n")
+    with pytest.raises(ValueError, match="line 2 names '../secret.wav'.*outside the allowed folders"):
+        read_meta(meta)
+    meta.write_text("a|Prompt.|wavs/p.wav|Target.|/etc/shadow\n")
+    with pytest.raises(ValueError, match="line 1 names '/etc/shadow'"):
+        read_meta(meta)
+    (lists / "wavs" / "link.wav").symlink_to(tmp_path / "secret.wav")
+    meta.write_text("a|Prompt.|wavs/link.wav|Target.\n")
+    with pytest.raises(ValueError, match="outside the allowed folders"):
+        read_meta(meta)
+    assert read_meta(meta, [tmp_path])[0].prompt_wav == (tmp_path / "secret.wav").resolve()  # eval.audio_dirs
+
+
+def test_eval_refuses_a_meta_list_in_the_other_language(tmp_path):
+    """Chinese targets under English rules scored a 2,300% WER without a word of warning."""
+    lists = tmp_path / "set"
+    lists.mkdir()
+    (lists / "meta.lst").write_text("a|你好。|p.wav|今天天气很好。\nb|你好。|p.wav|我们去公园吧。\n")
+    result = run_cli(
+        "stage=eval",
+        f"eval.meta={lists / 'meta.lst'}",
+        f"eval.gen_dir={lists}",
+        "eval.profile=demo",
+        f"run_dir={tmp_path / 'eval'}",
+        check=False,
+    )
+    assert result.returncode == 2 and "set eval.lang=zh" in result.stderr
