@@ -246,3 +246,27 @@ def test_the_synthesizer_refuses_a_model_and_codec_that_do_not_belong_together(m
     save_codec(Codec(dataclasses.replace(codec_tiny(), n_residual_codebooks=2)), other)
     with pytest.raises(ValueError, match="codec makes 3 codebooks"):
         Synthesizer.open(SynthesizeConfig(), TextConfig(n_semantic=64), model_dir, other)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"text": "<|speaker:99|>Nobody.", "id": "z"}, r"<\|speaker:99\|> is not a speaker of this model"),
+        ({"text": "Who?", "id": "z", "speaker": 99}, r"<\|speaker:99\|> is not a speaker"),
+        ({"text": "Who?", "id": "z", "speaker": -1}, '"speaker" must be a speaker number'),
+        ({"text": "<|speaker:-1|>Who?", "id": "z"}, r"<\|speaker:-1\|> is not a speaker"),
+        ({"text": "Long. " * 400, "id": "z"}, "exceeds the model's max_seq_len"),
+    ],
+    ids=["tag-99", "speaker-99", "speaker-minus-1", "tag-minus-1", "too-long"],
+)
+def test_a_bad_request_at_the_end_stops_the_run_before_any_audio(
+    tmp_path, model_dir, codec_file, row, message
+):
+    """Every request is checked before the first is spoken: no wav of a run that cannot finish."""
+    jsonl = tmp_path / "requests.jsonl"
+    good = [{"text": f"Fine number {i}.", "id": f"ok{i}"} for i in range(3)]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in [*good, row]))
+    cfg = config(tmp_path / "run", model_dir, codec_file, requests=str(jsonl))
+    with pytest.raises(ValueError, match=message):
+        run_stage(cfg)
+    assert not list((tmp_path / "run" / "wav").glob("*.wav"))

@@ -38,6 +38,7 @@ from s2train.text.prompt import Reference
 from s2train.text.tokenizer import HFTokenizer, TextConfig, TextTokenizer, load_tokenizer
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # an utterance id names its files
+ANY_SPEAKER_TAG = re.compile(r"<\|speaker:([^|<>]*)\|>")  # well-formed or not: each must name a speaker
 
 
 @dataclass
@@ -246,6 +247,12 @@ class Synthesizer:
 
     def request(self, u: Utterance) -> Request:
         """The engine request of ``u``: its prompt, built by the prompt builder training uses."""
+        for tag in ANY_SPEAKER_TAG.finditer(u.text):
+            if not tag.group(1).isdigit() or int(tag.group(1)) >= self.tokenizer.n_speakers:
+                raise ValueError(
+                    f"request {u.id}: {tag.group(0)} is not a speaker of this model; its tokenizer has "
+                    f"<|speaker:0|> to <|speaker:{self.tokenizer.n_speakers - 1}|>"
+                )
         voices = []
         if u.reference is not None:
             key = (u.reference, u.reference_text or "")
@@ -312,6 +319,8 @@ def speak_to_folder(
     for u in utterances:
         check(bool(SAFE_ID.match(u.id)), f"utterance id {u.id!r} must be 1-128 letters, digits, '_' or '-'")
     todo = [u for u in utterances if not is_done(wav_dir, u)]
+    for u in todo:  # every request is checked (and its reference clip read) before any is spoken
+        synth.request(u)
     frames = stopped = 0
     audio_s = 0.0
     reference_before, started = synth.reference_s, time.perf_counter()

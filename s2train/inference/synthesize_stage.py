@@ -70,6 +70,9 @@ def read_jsonl_requests(path: Path, allowed: list[Path]) -> list[Utterance]:
             raise ValueError(f"{where}: reference_audio and reference_text go together")
         request_id = str(row.get("id", f"line-{line_no:05d}"))
         text = row["text"]
+        speaker = row.get("speaker")
+        if "speaker" in row and (not isinstance(speaker, int) or isinstance(speaker, bool) or speaker < 0):
+            raise ValueError(f'{where}: "speaker" must be a speaker number (0, 1, ...), not {speaker!r}')
         if "speaker" in row and not SPEAKER_TAG.search(text):
             text = speaker_token(int(row["speaker"])) + text
         reference = None
