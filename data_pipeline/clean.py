@@ -107,6 +107,7 @@ def _error(item: SourceItem, error: Exception) -> dict:
     message = f"{type(error).__name__}: {error}"
     if item.location:  # records stay the same wherever the data is mounted
         message = message.replace(item.location, item.source)
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # names that are not UTF-8
     return {"error": message[:300]}
 
 

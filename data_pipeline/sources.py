@@ -25,6 +25,7 @@ from pathlib import Path
 
 from s2train.audio import ArrayReader, AudioReader, SoundFileReader
 from s2train.checks import check
+from s2train.runs import jsonl_lines
 
 
 @dataclass
@@ -84,6 +85,12 @@ def _meta_fields(meta: dict) -> dict:
     }
 
 
+def printable(name: str) -> str:
+    """A file name as text that JSON and UTF-8 take: bytes that are not UTF-8 (which Python keeps as
+    surrogates) become ``\\xNN``, so such a file is cleaned like any other and named in its records."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _folder_items(cfg: DataConfig) -> list[SourceItem]:
     root = Path(cfg.path)
     if not root.is_dir():
@@ -91,15 +98,17 @@ def _folder_items(cfg: DataConfig) -> list[SourceItem]:
     metadata: dict[str, dict] = {}
     meta_file = root / "metadata.jsonl"
     if meta_file.is_file():
-        for line in meta_file.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                metadata[row["file_name"]] = _meta_fields(row)
+        for _, where, row in jsonl_lines(meta_file):
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise ValueError(
+                    f'{where} must be an object with a "file_name" (the audio file it describes)'
+                )
+            metadata[row["file_name"]] = _meta_fields(row)
     extensions = {e.lower().lstrip(".") for e in cfg.extensions}
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in extensions)
     return [
         SourceItem(
-            source=(rel := p.relative_to(root).as_posix()),
+            source=(rel := printable(p.relative_to(root).as_posix())),
             open=lambda p=p: SoundFileReader(p),
             version=f"{p.stat().st_size}:{p.stat().st_mtime_ns}",
             location=str(p),

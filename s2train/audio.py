@@ -8,6 +8,7 @@ with soxr.
 from __future__ import annotations
 
 import io
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ class SoundFileReader(AudioReader):
     """A file on disk or in memory, decoded block by block by libsndfile."""
 
     def __init__(self, file: str | Path | bytes):
-        self._file = sf.SoundFile(io.BytesIO(file) if isinstance(file, bytes) else str(file))
+        # a path goes to libsndfile as bytes, so names that are not UTF-8 open too
+        self._file = sf.SoundFile(io.BytesIO(file) if isinstance(file, bytes) else os.fsencode(file))
         self.sample_rate = self._file.samplerate
         self.channels = self._file.channels
         self.frames = self._file.frames

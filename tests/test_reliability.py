@@ -39,6 +39,8 @@ def test_a_poisoned_file_costs_one_file_and_the_run_goes_on(tmp_path, flite_wav)
     sf.write(raw / "twenty_ms.wav", speech[:320], 16000)
     # one second blocks: a file of 3 s + 10 ms leaves a last block under one VAD frame
     sf.write(raw / "block_edge.wav", np.concatenate([speech[: 3 * 16000], speech[:160]]), 16000)
+    sf.write(raw / "cafe.wav", speech, 16000)
+    os.rename(raw / "cafe.wav", os.fsencode(raw) + b"/caf\xe9.wav")  # a Latin-1 name: not valid UTF-8
     run_dir = tmp_path / "clean"
     run_cli(
         "stage=clean",
@@ -56,7 +58,7 @@ def test_a_poisoned_file_costs_one_file_and_the_run_goes_on(tmp_path, flite_wav)
     assert rejects["twenty_ms.wav"]["reason"] == "too_short"
     assert all(r["reason"] != "unreadable" for r in rejects.values()), rejects
     kept = {row["source"] for row in read_jsonl(run_dir / "manifest.jsonl")}
-    assert "good.wav" in kept
+    assert {"good.wav", "caf\\xe9.wav"} <= kept  # named in its records, cleaned like any other
 
 
 @pytest.mark.parametrize(
@@ -137,3 +139,21 @@ def test_eval_refuses_a_meta_list_in_the_other_language(tmp_path):
         check=False,
     )
     assert result.returncode == 2 and "set eval.lang=zh" in result.stderr
+
+
+def test_a_malformed_metadata_line_is_named(tmp_path):
+    from data_pipeline.sources import DataConfig, list_items
+
+    (tmp_path / "a.wav").write_bytes(b"")
+    meta = tmp_path / "metadata.jsonl"
+    for text, message in (
+        ('{"file_name": "a.wav"}\n{"file_name": "b.wav", \n', "metadata.jsonl line 2 is not JSON"),
+        (
+            '{"file_name": "a.wav"}\n\n["a.wav"]\n',
+            'metadata.jsonl line 3 must be an object with a "file_name"',
+        ),
+        ('{"text": "no file"}\n', 'line 1 must be an object with a "file_name"'),
+    ):
+        meta.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            list_items(DataConfig(path=str(tmp_path)))
