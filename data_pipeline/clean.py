@@ -333,7 +333,8 @@ def run(cfg: S2Config) -> dict:
                 },
             )
         bar.close()
-    stats = aggregate(run_dir, ledger.records(), plan["units"])
+    with ledger.merging():  # another partition may be merging its own end right now
+        stats = aggregate(run_dir, ledger.records(), plan["units"])
     wall = time.perf_counter() - started
     return {
         "units_done": f"{stats['units_done']}/{stats['units_total']}",

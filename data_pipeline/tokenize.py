@@ -151,31 +151,32 @@ def run(cfg: S2Config) -> dict:
         bar.update(1)
         bar.set_postfix(audio=f"{audio_s:.0f}s", speed=f"{audio_s / (time.perf_counter() - started):.1f}x")
     bar.close()
-    records = ledger.records()
-    manifest = [row for r in records for row in r["manifest"]]
-    write_text_atomic(
-        run_dir / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in manifest)
-    )
-    seconds = sum(r["duration"] for r in manifest)
-    frames = sum(r["frames"] for r in manifest)
-    stats = {
-        "units_done": len(records),
-        "units_total": len(shards),
-        "complete": len(records) == len(shards),
-        "utterances": len(manifest),
-        "frames": frames,
-        "hours": round(seconds / 3600, 4),
-        "tokens_per_second_of_audio": round(frames * codec.config.n_codebooks / seconds, 2)
-        if seconds
-        else 0.0,
-        "frame_rate": codec.frame_rate,
-        "codebooks": codec.config.n_codebooks,
-        # entries of each codebook: what a language model over these tokens must be able to predict
-        "codebook_sizes": [codec.config.semantic_codebook_size]
-        + [codec.config.codebook_size] * codec.config.n_residual_codebooks,
-        "codec": codec_name,
-    }
-    write_json_atomic(run_dir / "stats.json", stats)
+    with ledger.merging():  # another partition may be merging its own end right now
+        records = ledger.records()
+        manifest = [row for r in records for row in r["manifest"]]
+        write_text_atomic(
+            run_dir / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in manifest)
+        )
+        seconds = sum(r["duration"] for r in manifest)
+        frames = sum(r["frames"] for r in manifest)
+        stats = {
+            "units_done": len(records),
+            "units_total": len(shards),
+            "complete": len(records) == len(shards),
+            "utterances": len(manifest),
+            "frames": frames,
+            "hours": round(seconds / 3600, 4),
+            "tokens_per_second_of_audio": round(frames * codec.config.n_codebooks / seconds, 2)
+            if seconds
+            else 0.0,
+            "frame_rate": codec.frame_rate,
+            "codebooks": codec.config.n_codebooks,
+            # entries of each codebook: what a language model over these tokens must be able to predict
+            "codebook_sizes": [codec.config.semantic_codebook_size]
+            + [codec.config.codebook_size] * codec.config.n_residual_codebooks,
+            "codec": codec_name,
+        }
+        write_json_atomic(run_dir / "stats.json", stats)
     wall = time.perf_counter() - started
     return {
         **stats,

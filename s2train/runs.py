@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -117,9 +117,11 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete the ``.name.*.tmp`` files a killed run left behind; returns how many."""
+def remove_stale_temporaries(folder: Path, mine: Callable[[str], bool] = lambda target: True) -> int:
+    """Delete the ``.name.*.tmp`` files a killed run left behind whose target ``name`` is ``mine`` (another
+    process may be writing the others right now); returns how many."""
     stale = list(Path(folder).glob(".*.tmp")) if Path(folder).exists() else []
+    stale = [tmp for tmp in stale if mine(tmp.name[1:].rsplit(".", 2)[0])]
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return len(stale)

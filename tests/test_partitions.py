@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import tarfile
 
+import pytest
+
 from tests.conftest import ROOT, read_jsonl, run_cli
 
 FILES = ["kal_00.wav", "rms_44k.wav", "bad_corrupt.wav", "bad_tone.wav"]
@@ -102,3 +104,49 @@ def test_clean_reads_webdataset_and_hf_inputs(demo_root, demo_corpus, demo_clean
         assert [(r["start"], r["end"], r["asr_text"]) for r in kept] == [
             (r["start"], r["end"], r["asr_text"]) for r in reference
         ]
+
+
+def test_a_starting_partition_leaves_the_others_temporaries_alone(tmp_path):
+    """Partition 1 starting must not delete the shard partition 0 is writing at that moment."""
+    from data_pipeline.shards import UnitLedger
+
+    for folder in ("shards", "units"):
+        (tmp_path / folder).mkdir()
+    theirs = [tmp_path / "shards" / ".shard-000000.tar.k2j4.tmp", tmp_path / "units" / ".000002.json.x9.tmp"]
+    mine = [tmp_path / "shards" / ".shard-000001.tar.a1b2.tmp", tmp_path / "units" / ".000003.json.q7.tmp"]
+    for path in theirs + mine:
+        path.write_bytes(b"half")
+    UnitLedger(tmp_path, 4, partition=1, num_partitions=2)
+    assert all(p.exists() for p in theirs) and not any(p.exists() for p in mine)
+
+
+def test_the_merge_lock_excludes_a_second_process(tmp_path):
+    """Two partitions rebuilding manifest.jsonl at once: the second waits for the first, so the last one
+    to write reads every marker."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from data_pipeline.shards import UnitLedger
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from data_pipeline.shards import UnitLedger; "
+            f"ledger = UnitLedger({str(tmp_path)!r}, 2, 0, 2)\n"
+            "with ledger.merging():\n    print('held', flush=True); time.sleep(30)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with open(tmp_path / ".merge.lock", "a") as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        holder.kill()
+        holder.wait()
+    with UnitLedger(tmp_path, 2, 1, 2).merging():  # free again once the holder is gone
+        pass
