@@ -48,9 +48,14 @@ def run_stage(cfg: S2Config) -> dict:
     """Run ``cfg.stage`` in its run directory and print its summary table."""
     runner = stage_runner(cfg.stage)
     cfg = dataclasses.replace(cfg, run_dir=str(stage_run_dir(cfg)))
-    prepare_run_dir(cfg)
+    recorded = prepare_run_dir(cfg)
     started = time.perf_counter()
-    results = runner(cfg)
+    try:
+        results = runner(cfg)
+    except ValueError:  # a user error: this call made nothing its records could describe
+        for path in recorded:
+            path.unlink(missing_ok=True)
+        raise
     if results is None:  # another rank of a distributed stage: rank 0 writes the results
         return {}
     results = {"stage": cfg.stage, "run_dir": cfg.run_dir, **results}

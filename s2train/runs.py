@@ -68,16 +68,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_run_dir(cfg) -> Path:
-    """Create the run directory and record what this run is: resolved config, commit, seed, host."""
+def prepare_run_dir(cfg) -> list[Path]:
+    """Create the run directory and record what this run is: resolved config, commit, seed, host.
+
+    The first call records ``config.yaml`` and ``run.json``. A later call with the same config leaves them
+    as they are; a call with another config records its own beside them (``config.1.yaml`` and
+    ``run.1.json``, then ``.2``, ...), so the first record still describes what the first call made.
+    Returns the files this call wrote: the CLI removes them again when the call stops on a user error.
+    """
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"run_dir={run_dir} is a file (or lies under one), not a folder") from None
+    except PermissionError:
+        raise ValueError(f"cannot create run_dir={run_dir}: permission denied") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"run_dir={run_dir} is not writable")
     seed_everything(cfg.seed)
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    config, record, n = run_dir / "config.yaml", run_dir / "run.json", 0
+    while config.exists():
+        if config.read_text(encoding="utf-8") == text:
+            return []  # this config is recorded already
+        n += 1
+        config, record = run_dir / f"config.{n}.yaml", run_dir / f"run.{n}.json"
+    write_text_atomic(config, text)
     import torch
 
     write_json_atomic(
-        run_dir / "run.json",
+        record,
         {
             "stage": cfg.stage,
             "seed": cfg.seed,
@@ -89,7 +109,7 @@ def prepare_run_dir(cfg) -> Path:
             "torch": torch.__version__,
         },
     )
-    return run_dir
+    return [config, record]
 
 
 @contextmanager

@@ -3,6 +3,7 @@ composes into the typed schema."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,31 @@ def test_summary_table_lists_the_figures():
     lines = table.splitlines()
     assert "stage clean" in lines[1] and any("files" in line and "12" in line for line in lines)
     assert not any("by_stage" in line for line in lines) and len({len(line) for line in lines}) == 1
+
+
+def test_a_later_call_never_rewrites_the_record_of_a_run(tmp_path):
+    """config.yaml keeps describing the outputs beside it: a failing call leaves no record, a call with
+    another config records its own beside the first, the same config records nothing new."""
+    from tests.conftest import read_jsonl
+
+    run_dir = tmp_path / "eval"
+    rows = [{"utt": "a", "lang": "en", "ref": "hello world", "hyp": "hello word"}]
+    (tmp_path / "asr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["stage=eval", "eval=transcripts", f"run_dir={run_dir}"]
+    run_cli(*common, f"eval.input={tmp_path / 'asr.jsonl'}")
+    first = (run_dir / "config.yaml").read_text()
+    failed = run_cli(*common, f"eval.input={tmp_path / 'absent.jsonl'}", check=False)
+    assert failed.returncode == 2 and "is not a file" in failed.stderr
+    assert (run_dir / "config.yaml").read_text() == first and not list(run_dir.glob("config.*.yaml"))
+    run_cli(*common, f"eval.input={tmp_path / 'asr.jsonl'}")  # the same config again
+    assert not list(run_dir.glob("config.*.yaml"))
+    run_cli(*common, f"eval.input={tmp_path / 'asr.jsonl'}", "eval.profile=f5")
+    assert (run_dir / "config.yaml").read_text() == first
+    assert "profile: f5" in (run_dir / "config.1.yaml").read_text() and (run_dir / "run.1.json").is_file()
+    assert read_jsonl(tmp_path / "asr.jsonl") == rows
+
+
+def test_a_run_dir_that_is_a_file_gets_a_sentence(tmp_path):
+    (tmp_path / "target").write_text("not a folder")
+    result = run_cli("stage=eval", "eval=transcripts", f"run_dir={tmp_path / 'target' / 'run'}", check=False)
+    assert result.returncode == 2 and "is a file (or lies under one), not a folder" in result.stderr
