@@ -105,17 +105,27 @@ def _folder_items(cfg: DataConfig) -> list[SourceItem]:
                 )
             metadata[row["file_name"]] = _meta_fields(row)
     extensions = {e.lower().lstrip(".") for e in cfg.extensions}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in extensions)
+    # dangling links and link loops are listed too: they are rejected as unreadable, with a record
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if (p.is_file() or (p.is_symlink() and not p.exists())) and p.suffix.lower().lstrip(".") in extensions
+    )
     return [
         SourceItem(
             source=(rel := printable(p.relative_to(root).as_posix())),
             open=lambda p=p: SoundFileReader(p),
-            version=f"{p.stat().st_size}:{p.stat().st_mtime_ns}",
+            version=f"{p.lstat().st_size}:{p.lstat().st_mtime_ns}" if not p.exists() else _version(p),
             location=str(p),
             **metadata.get(rel, {}),
         )
         for p in files
     ]
+
+
+def _version(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _hf_items(cfg: DataConfig) -> list[SourceItem]:
@@ -183,14 +193,18 @@ def _webdataset_items(cfg: DataConfig) -> list[SourceItem]:
     items = []
     for tar_path in tars:
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-        with tarfile.open(tar_path) as tar:
-            for member in tar.getmembers():
-                if not member.isfile():
-                    continue
-                folder, _, name = member.name.rpartition("/")
-                stem, _, ext = name.partition(".")
-                samples.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = member
         rel = tar_path.relative_to(base).as_posix() if tar_path.is_relative_to(base) else tar_path.name
+        try:
+            with tarfile.open(tar_path) as tar:
+                for member in tar.getmembers():
+                    if not member.isfile():
+                        continue
+                    folder, _, name = member.name.rpartition("/")
+                    stem, _, ext = name.partition(".")
+                    samples.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = member
+        except (tarfile.TarError, OSError, EOFError) as error:  # the tar costs its samples, not the run
+            items.append(SourceItem(source=rel, open=_failing(f"{type(error).__name__}: {error}")))
+            continue
         for key, members in samples.items():
             audio_ext = next((e for e in members if e in extensions), None)
             if audio_ext is None:
@@ -208,6 +222,15 @@ def _webdataset_items(cfg: DataConfig) -> list[SourceItem]:
                 )
             )
     return items
+
+
+def _failing(message: str) -> Callable[[], AudioReader]:
+    """An opener for a source that cannot be read: it is rejected as unreadable, with ``message``."""
+
+    def opener() -> AudioReader:
+        raise OSError(message)
+
+    return opener
 
 
 def _read_member(tar_path: str, member: tarfile.TarInfo) -> bytes:

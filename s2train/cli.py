@@ -38,10 +38,30 @@ def dispatch(cfg: DictConfig) -> dict:
         sys.exit(2)
     try:
         typed: S2Config = OmegaConf.to_object(cfg)  # runs every __post_init__ check
+        unknown = unknown_keys(cfg, typed)
+        if unknown:  # `+section.key=...` adds a key the schema does not have; it would be ignored
+            raise ValueError(
+                f"unknown config keys {unknown}: check their spelling (the schema has no such key)"
+            )
         return run_stage(typed)
     except ValueError as error:  # a user error, worded for a user
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def unknown_keys(node: DictConfig, typed: Any, prefix: str = "") -> list[str]:
+    """Keys of the composed config that the typed config has no field for (dict-valued fields, such as
+    loss weights, take any key)."""
+    out = []
+    fields = {f.name for f in dataclasses.fields(typed)}
+    for key in node.keys():
+        if str(key) not in fields:
+            out.append(f"{prefix}{key}")
+            continue
+        value = getattr(typed, str(key))
+        if dataclasses.is_dataclass(value) and isinstance(node[key], DictConfig):
+            out += unknown_keys(node[key], value, f"{prefix}{key}.")
+    return out
 
 
 def run_stage(cfg: S2Config) -> dict:

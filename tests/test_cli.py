@@ -110,3 +110,9 @@ def test_a_run_dir_that_is_a_file_gets_a_sentence(tmp_path):
     (tmp_path / "target").write_text("not a folder")
     result = run_cli("stage=eval", "eval=transcripts", f"run_dir={tmp_path / 'target' / 'run'}", check=False)
     assert result.returncode == 2 and "is a file (or lies under one), not a folder" in result.stderr
+
+
+def test_a_key_added_with_plus_must_exist_in_the_schema():
+    """Hydra's own error suggests `+clean.fils_per_shard=3`, which it then accepts: it would be ignored."""
+    result = run_cli("stage=eval", "eval=transcripts", "+clean.fils_per_shard=3", check=False)
+    assert result.returncode == 2 and "unknown config keys ['clean.fils_per_shard']" in result.stderr

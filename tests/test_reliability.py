@@ -157,3 +157,27 @@ def test_a_malformed_metadata_line_is_named(tmp_path):
         meta.write_text(text)
         with pytest.raises(ValueError, match=message):
             list_items(DataConfig(path=str(tmp_path)))
+
+
+def test_links_that_lead_nowhere_and_corrupt_tars_are_listed_to_be_rejected(tmp_path):
+    """A dangling link, a link loop and a corrupt tar each become an item whose opening fails (a reject
+    with its error in rejects.jsonl), instead of vanishing or stopping the listing."""
+    from data_pipeline.sources import DataConfig, list_items
+
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "gone.wav").symlink_to(folder / "deleted.wav")
+    (folder / "a.wav").symlink_to(folder / "b.wav")
+    (folder / "b.wav").symlink_to(folder / "a.wav")
+    items = {i.source: i for i in list_items(DataConfig(path=str(folder)))}
+    assert set(items) == {"gone.wav", "a.wav", "b.wav"}
+    for item in items.values():
+        with pytest.raises(Exception):  # noqa: B017 - libsndfile's own error, recorded as "unreadable"
+            item.open()
+
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    (tars / "broken.tar").write_bytes(b"not a tar at all" * 64)
+    [item] = list_items(DataConfig(source="webdataset", path=str(tars)))
+    with pytest.raises(OSError, match="ReadError"):
+        item.open()
