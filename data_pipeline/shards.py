@@ -21,9 +21,8 @@ from pathlib import Path
 
 from s2train.runs import remove_stale_temporaries, write_json_atomic
 
-UNIT_FILE = re.compile(
-    r"^(?:[a-z]+-)?(\d+)\.(?:tar|json)$"
-)  # shard-000003.tar, tokens-000003.tar, 000003.json
+# shard-000003.tar, tokens-000003.tar, 000003.json
+UNIT_FILE = re.compile(r"^(?:[a-z]+-)?(\d+)\.(?:tar|json)$")
 
 
 def unit_of(name: str) -> int | None:

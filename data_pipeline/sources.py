@@ -115,7 +115,7 @@ def _folder_items(cfg: DataConfig) -> list[SourceItem]:
         SourceItem(
             source=(rel := printable(p.relative_to(root).as_posix())),
             open=lambda p=p: SoundFileReader(p),
-            version=f"{p.lstat().st_size}:{p.lstat().st_mtime_ns}" if not p.exists() else _version(p),
+            version=_version(p),
             location=str(p),
             **metadata.get(rel, {}),
         )
@@ -124,7 +124,8 @@ def _folder_items(cfg: DataConfig) -> list[SourceItem]:
 
 
 def _version(path: Path) -> str:
-    stat = path.stat()
+    """Size and modification time; of the link itself when it leads nowhere."""
+    stat = path.stat() if path.exists() else path.lstat()
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,22 @@ class Transcript:
     supported: bool = True  # False when the backend cannot transcribe this language
 
 
+def per_language(
+    wavs: list[np.ndarray],
+    langs: list[str | None],
+    languages: tuple[str, ...],
+    transcribe: Callable[[np.ndarray, str], Transcript],
+) -> list[Transcript]:
+    """``transcribe`` each waveform in a language the backend speaks (an unknown language counts as its
+    first); any other gets an empty, unsupported transcript."""
+    out = []
+    for wav, lang in zip(wavs, langs, strict=True):
+        lang = lang or languages[0]
+        supported = lang in languages
+        out.append(transcribe(wav, lang) if supported else Transcript(text="", lang=lang, supported=False))
+    return out
+
+
 class PocketSphinxASR:
     languages = ("en",)
 
@@ -108,26 +125,22 @@ class PocketSphinxASR:
         self.cfg = cfg
 
     def __call__(self, wavs: list[np.ndarray], langs: list[str | None]) -> list[Transcript]:
+        return per_language(wavs, langs, self.languages, self._one)
+
+    def _one(self, wav: np.ndarray, lang: str) -> Transcript:
         from pocketsphinx import Decoder
 
-        out = []
-        for wav, lang in zip(wavs, langs):
-            lang = lang or "en"
-            if lang not in self.languages:
-                out.append(Transcript(text="", lang=lang, supported=False))
-                continue
-            decoder = Decoder(loglevel="FATAL")
-            pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16).tobytes()
-            decoder.start_utt()
-            decoder.process_raw(pcm, full_utt=True)
-            decoder.end_utt()
-            words = [
-                Word(re.sub(r"\(\d+\)$", "", s.word), s.start_frame / 100, (s.end_frame + 1) / 100)
-                for s in decoder.seg()
-                if not s.word.startswith(("<", "[")) and s.word != "<sil>"
-            ]
-            out.append(Transcript(text=" ".join(w.word for w in words), lang=lang, words=words))
-        return out
+        decoder = Decoder(loglevel="FATAL")
+        pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16).tobytes()
+        decoder.start_utt()
+        decoder.process_raw(pcm, full_utt=True)
+        decoder.end_utt()
+        words = [
+            Word(re.sub(r"\(\d+\)$", "", s.word), s.start_frame / 100, (s.end_frame + 1) / 100)
+            for s in decoder.seg()
+            if not s.word.startswith(("<", "[")) and s.word != "<sil>"
+        ]
+        return Transcript(text=" ".join(w.word for w in words), lang=lang, words=words)
 
 
 class WhisperASR:
@@ -225,17 +238,11 @@ class ParaformerASR:
         )
 
     def __call__(self, wavs: list[np.ndarray], langs: list[str | None]) -> list[Transcript]:
-        out = []
-        for wav, lang in zip(wavs, langs):
-            lang = lang or "zh"
-            if lang not in self.languages:
-                out.append(Transcript(text="", lang=lang, supported=False))
-                continue
-            audio = np.ascontiguousarray(wav, dtype=np.float32)
-            out.append(
-                Transcript(text=self.model.generate(input=audio, batch_size_s=300)[0]["text"], lang=lang)
-            )
-        return out
+        return per_language(wavs, langs, self.languages, self._one)
+
+    def _one(self, wav: np.ndarray, lang: str) -> Transcript:
+        audio = np.ascontiguousarray(wav, dtype=np.float32)
+        return Transcript(text=self.model.generate(input=audio, batch_size_s=300)[0]["text"], lang=lang)
 
     def transcribe_files(self, paths: list[str | Path]) -> list[str]:
         """Seed-TTS-Eval's decoding: funasr reads each file itself; returns the texts as decoded."""

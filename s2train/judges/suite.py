@@ -35,9 +35,7 @@ class JudgesConfig:
     speaker: SpeakerConfig = field(default_factory=SpeakerConfig)
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     device: str = "cpu"
-    threads: int = (
-        2  # torch intra-op threads for the judges (clean and tokenize set them); 0: torch's default
-    )
+    threads: int = 2  # torch intra-op threads of clean and tokenize; 0: torch's default
 
     def __post_init__(self) -> None:
         check(

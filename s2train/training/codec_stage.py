@@ -36,7 +36,7 @@ from s2train.training.codec_data import (
     split_heldout,
 )
 from s2train.training.codec_module import CodecModule
-from s2train.training.trainer import TrainerSpec, build_trainer, checkpoint_step, fit, latest_checkpoint
+from s2train.training.trainer import TrainerSpec, build_trainer, fit, resume_point
 
 if TYPE_CHECKING:
     from s2train.config import S2Config
@@ -90,11 +90,10 @@ def run(cfg: S2Config) -> dict:
     rate = codec_config.sample_rate
     train_items, heldout_items = split_heldout(items, t.heldout_items)
     heldout = {u.key: read_audio(u, rate)[: int(PREVIEW_MAX_S * rate)] for u in heldout_items}
-    resume = latest_checkpoint(run_dir)  # ours or SLURM's pre-emption checkpoint
-    resume_from = checkpoint_step(resume) if resume is not None else 0
+    resume = resume_point(run_dir)  # ours or SLURM's pre-emption checkpoint
     torch.manual_seed(cfg.seed)
     module = CodecModule(codec_config, t, run_dir, heldout)
-    crops = CropStream(train_items, rate, round(t.segment_s * rate), cfg.seed, stream=resume_from)
+    crops = CropStream(train_items, rate, round(t.segment_s * rate), cfg.seed, stream=resume.step)
     loader = DataLoader(
         crops, batch_size=t.batch_size, num_workers=t.num_workers, persistent_workers=t.num_workers > 0
     )
@@ -114,14 +113,13 @@ def run(cfg: S2Config) -> dict:
             threads=t.threads,
         )
     )
-    fitted = fit(trainer, module, resume, train_dataloaders=loader)
-    train_s = fitted.train_s
+    train_s = fit(trainer, module, resume, train_dataloaders=loader)
 
     codec = module.codec.eval()
     save_codec(codec, run_dir / "codec.pt")
     return {
         "steps": module.step,
-        "resumed_from_step": resume_from // per_batch,
+        "resumed_from_step": resume.step // per_batch,
         "train_utterances": len(train_items),
         "heldout_utterances": len(heldout_items),
         "heldout_mel_distance": round(module.heldout_mel_distance(), 4),
@@ -130,7 +128,7 @@ def run(cfg: S2Config) -> dict:
         "codebook_perplexity": [round(p, 2) for p in module.last_perplexity],
         "heldout_codebook_usage": module.heldout_usage(),
         "train_wall_s": round(train_s, 2),
-        "steps_per_s": round((module.step - resume_from // per_batch) / train_s, 3),
+        "steps_per_s": round((module.step - resume.step // per_batch) / train_s, 3),
         **heldout_wer(module, heldout_items, JudgeSuite(cfg.judges, cfg.seed)),
         "codec": str(run_dir / "codec.pt"),
     }

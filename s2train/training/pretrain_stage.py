@@ -42,8 +42,8 @@ from s2train.training.trainer import (
     build_trainer,
     fit,
     gathered_state_dict,
-    latest_checkpoint,
     parameter_count,
+    resume_point,
 )
 
 if TYPE_CHECKING:
@@ -156,7 +156,8 @@ def run(cfg: S2Config) -> dict | None:
     torch.manual_seed(cfg.seed)
     module = DualARModule(model_cfg, t, run_dir)
     data = LMDataModule(cfg, tokenizer, model_cfg.num_codebooks, module)
-    fitted = fit(trainer, module, latest_checkpoint(run_dir), datamodule=data)
+    resume = resume_point(run_dir)
+    train_s = fit(trainer, module, resume, datamodule=data)
     state = gathered_state_dict(trainer, module.model)  # every rank takes part under ZeRO-3
     if not trainer.is_global_zero:
         return None  # rank 0 reports
@@ -169,15 +170,15 @@ def run(cfg: S2Config) -> dict | None:
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     return {
         "steps": trainer.global_step,
-        "resumed_from_step": fitted.resumed_from_step,
+        "resumed_from_step": resume.step,
         "params_slow_M": round(slow / 1e6, 3),
         "params_fast_M": round(fast / 1e6, 3),
         "first_loss": round(first.get("loss/total", float("nan")), 4),
         "final_loss": round(last.get("loss/total", float("nan")), 4),
         "final_slow_loss": round(last.get("loss/slow", float("nan")), 4),
         "final_fast_loss": round(last.get("loss/fast", float("nan")), 4),
-        "train_wall_s": round(fitted.train_s, 2),
-        "steps_per_s": round((trainer.global_step - fitted.resumed_from_step) / fitted.train_s, 3),
+        "train_wall_s": round(train_s, 2),
+        "steps_per_s": round((trainer.global_step - resume.step) / train_s, 3),
         "model_changes": {k: list(v) for k, v in changed.items()},
         "loss_curve": str(run_dir / "loss_curve.png"),
         "model": str(run_dir / "model.safetensors"),

@@ -196,25 +196,33 @@ def checkpoint_step(path: Path) -> int:
 
 
 @dataclass(frozen=True)
-class Fitted:
-    resumed_from_step: int  # Lightning steps done before this run
-    train_s: float
+class Resume:
+    """Where a stage continues from: the checkpoint (None: from scratch) and its Lightning step."""
+
+    path: Path | None
+    step: int
 
 
-def fit(trainer: L.Trainer, module: L.LightningModule, resume: Path | None, **data: Any) -> Fitted:
-    """``trainer.fit`` from ``resume`` (or from scratch), then ``last.ckpt`` of the final step whatever
-    ``checkpoint_every`` says (every rank takes part). ``data``: ``train_dataloaders`` or ``datamodule``.
-    A run stopped by SIGTERM exits with status 143, not 0: it did not finish (it resumes from its last
-    checkpoint when started again)."""
-    step_before = checkpoint_step(resume) if resume is not None else 0
+def resume_point(run_dir: Path) -> Resume:
+    """The newest checkpoint of ``run_dir`` (``latest_checkpoint``) and its step, read once."""
+    path = latest_checkpoint(run_dir)
+    return Resume(path, checkpoint_step(path) if path is not None else 0)
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, resume: Resume, **data: Any) -> float:
+    """``trainer.fit`` from ``resume``, then ``last.ckpt`` of the final step whatever ``checkpoint_every``
+    says (every rank takes part); returns the seconds it trained. ``data``: ``train_dataloaders`` or
+    ``datamodule``. A run stopped by SIGTERM exits with status 143, not 0: it did not finish (it resumes
+    from its last checkpoint when started again)."""
     started = time.perf_counter()
+    ckpt_path = str(resume.path) if resume.path is not None else None
     try:
-        trainer.fit(module, **data, ckpt_path=str(resume) if resume else None, weights_only=True)
+        trainer.fit(module, **data, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException as stop:  # Lightning's is a SystemExit with status 0: a scheduler saw success
         raise SystemExit(128 + signal.SIGTERM) from stop
     train_s = time.perf_counter() - started
     trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-    return Fitted(step_before, train_s)
+    return train_s
 
 
 # ------------------------------------------------------------------------------------------ export
