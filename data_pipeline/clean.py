@@ -1,8 +1,9 @@
 """``stage=clean``: raw recordings -> clean webdataset shards, with a reason for everything rejected.
 
 Per recording: decode (any format soundfile reads; mono; soxr) -> silero VAD over the whole file in
-bounded memory -> 3-30 s segments -> quality (clipping, SNR, bandwidth, DNSMOS) -> one-speaker check
--> ASR and its hallucination filters -> captioner. A check that fails rejects the segment with its
+bounded memory -> 3-30 s segments -> quality (clipping, SNR, bandwidth, DNSMOS) -> changes of voice
+(a segment is split into one-voice parts at each change, snapped to a pause nearby; overlapped speech
+is rejected) -> one-speaker check -> ASR and its hallucination filters -> captioner. A check that fails rejects the segment with its
 stage, reason and the values that decided it; the checks after it are not run.
 
 Work is split into units of ``clean.files_per_shard`` input files. Unit ``u`` belongs to partition
@@ -34,10 +35,11 @@ from tqdm import tqdm
 
 from data_pipeline.shards import UnitLedger
 from data_pipeline.sources import SourceItem, list_items
-from s2train.audio import flac_bytes, read_excerpt, stream_mono
+from s2train.audio import Excerpt, flac_bytes, read_excerpt, stream_mono
 from s2train.checks import check
 from s2train.judges import JUDGE_RATE
 from s2train.judges.asr import transcript_checks
+from s2train.judges.speaker import OVERLAP, Turn
 from s2train.judges.suite import JudgeSuite
 from s2train.judges.vad import Segment, plan_segments, speech_regions
 from s2train.runs import atomic_path, write_json_atomic, write_text_atomic
@@ -63,9 +65,10 @@ class CleanConfig:
         check(self.sample_rate >= 8000, "clean.sample_rate must be at least 8000")
 
 
-PIPELINE_VERSION = "clean-1"
+PIPELINE_VERSION = "clean-2"  # clean-2: segments split at changes of voice, overlapped speech rejected
 STAGE_ORDER = ("decode", "vad", "quality", "speaker", "asr")
 SEGMENT_BATCH = 8  # segments held in memory at once
+SNAP_S = 0.6  # a cut at a change of voice moves to a pause this close
 
 
 @dataclass
@@ -187,50 +190,123 @@ def _speech_only(wav: np.ndarray, seg: Segment) -> np.ndarray:
     return np.concatenate(parts) if parts else wav
 
 
+@dataclass
+class Part:
+    """A one-voice stretch of a segment (the segment itself when it has one voice) on its way to a shard."""
+
+    segment: Segment
+    quality: dict
+    excerpt: Excerpt
+    key: str
+    voice: int | None  # which voice of a recording that changes voice, else None
+
+
+def _speech_time(seg: Segment, offset: float) -> float:
+    """The time in the recording of ``offset`` seconds into the segment's speech (pauses cut out)."""
+    for a, b in seg.regions:
+        if offset <= b - a:
+            return a + offset
+        offset -= b - a
+    return seg.end
+
+
+def _snap(t: float, seg: Segment, lo: float, hi: float, edge: str) -> float:
+    """``t`` moved to the nearest pause of ``seg`` whose middle lies in ``[t - lo, t + hi]``: to the pause's
+    start for the end of a part (``edge="end"``), to its end for the start of one."""
+    near = [(a, b) for a, b in seg.pauses if t - lo <= (a + b) / 2 <= t + hi]
+    if not near:
+        return t
+    a, b = min(near, key=lambda p: abs((p[0] + p[1]) / 2 - t))
+    return a if edge == "end" else b
+
+
+def _voice_parts(seg: Segment, turns: list[Turn]) -> list[tuple[Segment, Turn]]:
+    """The turns of ``seg`` as segments of the recording: cuts between two voices snap to a pause within
+    ``SNAP_S``; the edges of an overlapped turn only ever move away from the overlap."""
+    out = []
+    for i, turn in enumerate(turns):
+        start, end = _speech_time(seg, turn.start), _speech_time(seg, turn.end)
+        if turn.voice != OVERLAP:
+            if i:
+                overlap_before = turns[i - 1].voice == OVERLAP
+                start = _snap(start, seg, 0.0 if overlap_before else SNAP_S, SNAP_S, "start")
+            else:
+                start = seg.start
+            if i < len(turns) - 1:
+                overlap_after = turns[i + 1].voice == OVERLAP
+                end = _snap(end, seg, SNAP_S, 0.0 if overlap_after else SNAP_S, "end")
+            else:
+                end = seg.end
+        regions = [(max(a, start), min(b, end)) for a, b in seg.regions if b > start and a < end]
+        out.append((Segment(start, end, regions), turn))
+    return out
+
+
+def _split_voices(item, reader, seg, excerpt, index, q, cfg: S2Config, judges: JudgeSuite, out) -> list[Part]:
+    """``seg`` as one-voice parts; overlapped speech and parts too short to keep become rejects."""
+    src, key = item.source, segment_key(item.source, index)
+    turns = judges.speaker.turns(_speech_only(excerpt.judge, seg))
+    if len(turns) == 1:
+        return [Part(seg, q, excerpt, key, None)]
+    parts, pieces = [], _voice_parts(seg, turns)
+    out.stats["trimmed_s"] += seg.duration - sum(part.duration for part, _ in pieces)  # pauses at the cuts
+    for p, (part, turn) in enumerate(pieces):
+        values = {"voice": turn.voice, "turns": len(turns), **turn.values}
+        if turn.voice == OVERLAP:
+            out.reject(src, part.start, part.end, "speaker", "overlapped_speech", values)
+        elif part.duration < cfg.judges.vad.min_segment_s:
+            out.reject(
+                src, part.start, part.end, "speaker", "too_short", {**values, "duration": part.duration}
+            )
+        else:
+            cut = read_excerpt(reader, part.start, part.end, cfg.clean.sample_rate, JUDGE_RATE)
+            parts.append(Part(part, q, cut, f"{key}-{p}", turn.voice))
+    return parts
+
+
 def _judge_segments(
     item, reader, segments, indices, n_segments, cfg: S2Config, judges: JudgeSuite, out: UnitResult
 ):
     src = item.source
     excerpts = [read_excerpt(reader, s.start, s.end, cfg.clean.sample_rate, JUDGE_RATE) for s in segments]
     quality = judges.quality([e.judge for e in excerpts], [(e.native, e.native_rate) for e in excerpts])
-    alive = []
-    for i, (seg, q) in enumerate(zip(segments, quality)):
+    parts: list[Part] = []
+    for seg, excerpt, index, q in zip(segments, excerpts, indices, quality):
         reason = judges.quality.verdict(q)
         if reason:
             out.reject(src, seg.start, seg.end, "quality", reason, _round(q))
         else:
-            alive.append(i)
-    speech = {i: _speech_only(excerpts[i].judge, segments[i]) for i in alive}
-    speaker = dict(zip(alive, judges.speaker([speech[i] for i in alive]))) if alive else {}
+            parts += _split_voices(item, reader, seg, excerpt, index, q, cfg, judges, out)
+    speaker = judges.speaker([_speech_only(p.excerpt.judge, p.segment) for p in parts]) if parts else []
     passed = []
-    for i in alive:
-        reason = judges.speaker.verdict(speaker[i])
+    for part, scores in zip(parts, speaker):
+        reason = judges.speaker.verdict(scores)
         if reason:
-            out.reject(src, segments[i].start, segments[i].end, "speaker", reason, speaker[i])
+            out.reject(src, part.segment.start, part.segment.end, "speaker", reason, scores)
         else:
-            passed.append(i)
-    transcripts = dict(
-        zip(passed, judges.asr([excerpts[i].judge for i in passed], [item.lang] * len(passed)))
-    )
-    for i in passed:
-        seg, t, q = segments[i], transcripts[i], quality[i]
+            passed.append((part, scores))
+    transcripts = judges.asr([p.excerpt.judge for p, _ in passed], [item.lang] * len(passed))
+    for (part, scores), t in zip(passed, transcripts):
+        seg, q, key = part.segment, part.quality, part.key
         reason, values = transcript_checks(t, cfg.judges.asr)
         if reason:
             out.reject(src, seg.start, seg.end, "asr", reason, {**values, "asr_text": t.text})
             continue
-        key = segment_key(src, indices[i])
         pauses = [(a - seg.start, b - seg.start) for a, b in seg.pauses]
         speech_s = sum(b - a for a, b in seg.regions)
         described = judges.captioner(
             key,
-            excerpts[i].judge,
+            part.excerpt.judge,
             t.text,
             t.words,
             pauses,
             speech_s,
             {"snr_db": q["snr_db"], "bandwidth_hz": q["bandwidth_hz"]},
         )
-        own_text = item.text if (item.text and n_segments == 1) else None
+        own_text = item.text if (item.text and n_segments == 1 and part.voice is None) else None
+        speaker_id = item.speaker or f"src-{zlib.crc32(src.encode()):08x}"
+        if part.voice is not None:  # a segment that changes voice: its voices, told apart within it
+            speaker_id = f"{speaker_id}-{key.rsplit('-', 2)[-2]}v{part.voice}"
         meta = _round(
             {
                 "id": key,
@@ -245,12 +321,12 @@ def _judge_segments(
                 "asr_text": t.text,
                 "asr_logprob": t.avg_logprob,
                 "asr_backend": cfg.judges.asr.backend if t.supported else None,
-                "speaker": item.speaker or f"src-{zlib.crc32(src.encode()):08x}",
+                "speaker": speaker_id,
                 "dnsmos": q["dnsmos"],
                 "snr_db": q["snr_db"],
                 "bandwidth_hz": q["bandwidth_hz"],
                 "clipping": q["clipping"],
-                "speaker_similarity": speaker[i]["min_similarity"],
+                "speaker_similarity": scores["min_similarity"],
                 "pitch_hz": described["pitch_hz"],
                 "pitch_std": described["pitch_std"],
                 "voiced_ratio": described["voiced_ratio"],
@@ -261,7 +337,7 @@ def _judge_segments(
                 "pipeline_version": PIPELINE_VERSION,
             }
         )
-        out.samples.append((key, flac_bytes(excerpts[i].out, cfg.clean.sample_rate), meta))
+        out.samples.append((key, flac_bytes(part.excerpt.out, cfg.clean.sample_rate), meta))
         out.stats["kept_s"] += seg.duration
 
 

@@ -5,7 +5,8 @@ Speech is synthesised with Debian's ``flite`` (English voices awb, rms, slt, kal
 "recording" (20-60 s) strings several sentences together with pauses, over a faint noise floor.
 Deliberately bad material sits beside the good, each labelled in ``truth.jsonl`` with the rejection it
 must get from ``stage=clean``, plus two awkward but good files (another sample rate, stereo) that must
-be kept after conversion.
+be kept after conversion, one recording of two voices one after the other (kept as two voices) and one
+where two voices overlap for 5 s (the overlap rejected, the solo stretches kept).
 
 Outputs under ``<run_dir>/corpus/``: the audio, ``metadata.jsonl`` (audiofolder style: file name,
 language, speaker, as a real dataset would ship them), ``truth.jsonl`` (every sentence with its text,
@@ -55,6 +56,7 @@ class DemoCorpusConfig:
 
 
 SENTENCES = Path(__file__).parent / "sentences"
+CORPUS_VERSION = 2  # 2: a recording of two voices in turn; the overlap recording keeps its solo parts
 NOISE_FLOOR = 3e-4  # about -70 dBFS of white noise under everything
 # speaker id -> (engine, engine voice, language)
 VOICES = {
@@ -273,9 +275,27 @@ class Builder:
             expected={"stage": "vad", "reason": "no_speech"},
             note="440 Hz tone with one harmonic",
         )
+        self.overlap()
+        self.two_voices()
+        corrupt = b"RIFF\x24\x08\x00\x00WAVEfmt " + self.rng.bytes(3000)
+        with atomic_path(self.out / "bad_corrupt.wav") as tmp:
+            tmp.write_bytes(corrupt)
+        self.truth.append(
+            {
+                "file": "bad_corrupt.wav",
+                "kind": "bad",
+                "sentences": [],
+                "note": "a broken header",
+                "expected": {"stage": "decode", "reason": "unreadable"},
+            }
+        )
+
+    def overlap(self) -> None:
+        """awb, then slt starting 5 s before awb stops: the 5 s of both at once must be rejected as
+        overlapped speech, the stretches of one voice either side may be kept."""
         a, rows_a = self.speech("awb", 12.0)
         b, rows_b = self.speech("slt", 12.0)
-        shift = len(a) - int(5.0 * self.sr)  # slt starts talking 5 s before awb stops
+        shift = len(a) - int(5.0 * self.sr)
         mix = np.zeros(shift + len(b), np.float32)
         mix[: len(a)] += a
         mix[shift:] += b
@@ -288,23 +308,31 @@ class Builder:
             "bad_overlap.wav",
             mix + self.noise(len(mix)),
             self.sr,
-            kind="bad",
+            kind="overlap",
             sentences_=rows_a + rows_b,
             lang="en",
-            expected={"stage": "speaker", "reason": "multi_speaker"},
+            expected={"stage": "speaker", "reason": "overlapped_speech"},
             note="two voices, overlapping for 5 s",
         )
-        corrupt = b"RIFF\x24\x08\x00\x00WAVEfmt " + self.rng.bytes(3000)
-        with atomic_path(self.out / "bad_corrupt.wav") as tmp:
-            tmp.write_bytes(corrupt)
-        self.truth.append(
-            {
-                "file": "bad_corrupt.wav",
-                "kind": "bad",
-                "sentences": [],
-                "note": "a broken header",
-                "expected": {"stage": "decode", "reason": "unreadable"},
-            }
+        self.truth[-1]["overlap"] = [rows_b[0]["start"], rows_a[-1]["end"]]
+
+    def two_voices(self) -> None:
+        """rms, a short pause, then slt: one VAD segment that must be split at the change of voice."""
+        a, rows_a = self.speech("rms", 10.0)
+        b, rows_b = self.speech("slt", 10.0)
+        a, b = a[: int((rows_a[-1]["end"] + 0.3) * self.sr)], b[int(0.3 * self.sr) :]  # a 0.6 s pause
+        for row in rows_b:
+            row["start"] = round(row["start"] - 0.3 + len(a) / self.sr, 3)
+            row["end"] = round(row["end"] - 0.3 + len(a) / self.sr, 3)
+        both = np.concatenate([a, b])
+        self.write(
+            "two_voices.wav",
+            both + self.noise(len(both)),
+            self.sr,
+            kind="two_voices",
+            sentences_=rows_a + rows_b,
+            lang="en",
+            note="rms then slt after a 0.6 s pause: split at the change of voice, both kept",
         )
 
 
@@ -368,7 +396,7 @@ def run(cfg: S2Config) -> dict:
     check_tools()
     out = Path(cfg.run_dir) / "corpus"
     fingerprint = hashlib.sha256(
-        json.dumps([asdict(cfg.demo_corpus), cfg.seed, sorted(VOICES.items())]).encode()
+        json.dumps([CORPUS_VERSION, asdict(cfg.demo_corpus), cfg.seed, sorted(VOICES.items())]).encode()
         + b"".join(p.read_bytes() for p in sorted(SENTENCES.glob("*.txt")))
     ).hexdigest()[:16]
     done = out / "truth.jsonl"
@@ -400,6 +428,7 @@ def run(cfg: S2Config) -> dict:
         "recordings": len(truth),
         "good": sum(t["kind"] == "good" for t in truth),
         "bad": sum(t["kind"] == "bad" for t in truth),
+        "two_voice": sum(t["kind"] in ("overlap", "two_voices") for t in truth),
         "sentences": sum(len(t["sentences"]) for t in truth),
         "minutes": round(sum(t.get("duration", 0.0) for t in truth) / 60, 2),
         "speakers": len(VOICES),

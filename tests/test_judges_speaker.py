@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from s2train.judges.speaker import SpeakerConfig, SpeakerJudge, windows_of
+from s2train.judges.speaker import OVERLAP, SpeakerConfig, SpeakerJudge, windows_of
 
 A = "The morning train was late again, so we walked to the office."
 B = "The children played in the park until the sun went down."
@@ -27,6 +27,36 @@ def test_one_voice_passes_and_two_voices_are_rejected(resemblyzer_judge, flite_w
     assert same["min_similarity"] > mixed["min_similarity"] + 0.1
     assert resemblyzer_judge.verdict(same) is None
     assert resemblyzer_judge.verdict(mixed) == "multi_speaker"
+
+
+D = "Please close the window before you leave the house this morning."
+E = "The farmer sold his apples at the market on the corner."
+
+
+def test_turns_find_the_change_of_voice_and_the_overlap(resemblyzer_judge, flite_wav):
+    def voice(speaker):
+        return np.concatenate([flite_wav(speaker, t) for t in (A, B, C, D, E)])[: 10 * 16000]
+
+    awb, slt = voice("awb"), voice("slt")
+    [one] = resemblyzer_judge.turns(awb)
+    assert (one.start, one.voice) == (0.0, 0) and one.end == pytest.approx(10.0)
+
+    turns = resemblyzer_judge.turns(np.concatenate([awb, slt]))
+    assert [t.voice for t in turns] == [0, 1]
+    assert abs(turns[0].end - 10.0) < 0.6 and turns[1].start == turns[0].end
+
+    back = resemblyzer_judge.turns(np.concatenate([awb, slt, awb[: 6 * 16000]]))
+    assert [t.voice for t in back if t.voice != OVERLAP][:3] == [0, 1, 0]  # the first voice again
+
+    both = np.zeros(25 * 16000, np.float32)  # awb 0-10 s, slt 5-25 s: both at once for 5 s
+    both[: len(awb)] += awb
+    both[5 * 16000 :] += np.concatenate([slt, slt])[: 20 * 16000]
+    turns = resemblyzer_judge.turns(both)
+    overlap = [t for t in turns if t.voice == OVERLAP]
+    assert len(overlap) == 1 and overlap[0].values["mixture_margin"] > 0
+    assert overlap[0].start <= 5.6 and overlap[0].end >= 9.4  # covers the overlap, give or take a hop
+    assert overlap[0].end - overlap[0].start < 5.0 + 2 * 1.6
+    assert [t.voice for t in turns] == [0, OVERLAP, 1]
 
 
 def test_embeddings_are_unit_length_and_batched(resemblyzer_judge, flite_wav):
@@ -108,3 +138,26 @@ def test_speechbrain_backend_loads_a_local_folder(tiny_ecapa_folder, flite_wav):
 def test_speechbrain_backend_needs_a_folder(tmp_path):
     with pytest.raises(ValueError, match="local speechbrain folder"):
         SpeakerJudge(SpeakerConfig(backend="speechbrain", checkpoint=str(tmp_path)))
+
+
+def test_cuts_snap_to_a_nearby_pause_and_never_into_an_overlap():
+    from data_pipeline.clean import _voice_parts
+    from s2train.judges.speaker import Turn
+    from s2train.judges.vad import Segment
+
+    # speech 1-5 s, 5.5-9 s, 9.2-14 s: 4 + 3.5 + 4.8 s of speech
+    seg = Segment(1.0, 14.0, [(1.0, 5.0), (5.5, 9.0), (9.2, 14.0)])
+    # a change 4.2 s into the speech is 5.2 s into the recording: 0.05 s from the middle of the first pause
+    (left, _), (right, _) = _voice_parts(seg, [Turn(0.0, 4.2, 0), Turn(4.2, 12.3, 1)])
+    assert (left.start, left.end, right.start, right.end) == (1.0, 5.0, 5.5, 14.0)
+    assert left.regions == [(1.0, 5.0)] and right.regions == [(5.5, 9.0), (9.2, 14.0)]
+
+    # far from any pause (6.5 s into the recording): cut where the change is
+    (left, _), (right, _) = _voice_parts(seg, [Turn(0.0, 5.5, 0), Turn(5.5, 12.3, 1)])
+    assert left.end == right.start == pytest.approx(7.0)
+
+    # an overlap from 3.7 to 7.4 s of speech (4.7 to 8.9 s): the voices either side move only away from it
+    parts = _voice_parts(seg, [Turn(0.0, 3.7, 0), Turn(3.7, 7.4, OVERLAP), Turn(7.4, 12.3, 1)])
+    (before, _), (overlap, _), (after, _) = parts
+    assert before.end == overlap.start == pytest.approx(4.7)  # not to the pause at 5.0-5.5, inside it
+    assert overlap.end == pytest.approx(8.9) and after.start == pytest.approx(9.2)  # the pause after it
