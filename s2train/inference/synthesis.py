@@ -97,6 +97,7 @@ class Utterance:
     reference_text: str | None = None
     seed: int | None = None  # None: the engine's own draw
     max_new_tokens: int | None = None  # None: the synthesizer's default
+    literal: bool = False  # text from a client: <|...|> written in it is plain text, never a control token
 
 
 @dataclass
@@ -247,7 +248,7 @@ class Synthesizer:
 
     def request(self, u: Utterance) -> Request:
         """The engine request of ``u``: its prompt, built by the prompt builder training uses."""
-        for tag in ANY_SPEAKER_TAG.finditer(u.text):
+        for tag in () if u.literal else ANY_SPEAKER_TAG.finditer(u.text):
             if not tag.group(1).isdigit() or int(tag.group(1)) >= self.tokenizer.n_speakers:
                 raise ValueError(
                     f"request {u.id}: {tag.group(0)} is not a speaker of this model; its tokenizer has "
@@ -267,6 +268,7 @@ class Synthesizer:
             self.model.config.num_codebooks,
             references=voices,
             system_turn=self.system_turn,
+            literal=u.literal,
             max_new_tokens=u.max_new_tokens or self.max_new_tokens,
             sampling=self.sampling,
             seed=u.seed,

@@ -20,6 +20,9 @@ The layout, as upstream's ``Conversation`` builds it (README 2.d, 2.g)::
   (``system_turn=False``: no system turn at all, the plain form).
 - Each piece of text is tokenized alone, as upstream's parts are, so a BPE merge never crosses a piece
   boundary (``"Hi." + "\\n\\nSpeech:\\n"`` is not ``"Hi.\\n\\nSpeech:\\n"`` for Qwen3's BPE).
+- ``literal=True`` (text from a client): the texts are read as plain text, so ``<|im_end|>`` or
+  ``<|speaker:3|>`` written in them cannot close a turn or pick a voice; the builder's own speaker tags
+  still go in front (``speaker`` for the user text). For texts without tags the ids are the same.
 - Trained positions (``Prompt.trained``) are what the model emits at inference: the assistant's frames
   and its closing ``<|im_end|>``. A training sequence ends with that ``<|im_end|>`` (no ``\\n``), and its
   first ``T - frames - 1`` positions equal the generation prompt for the same text and references, id for
@@ -79,6 +82,17 @@ class _Columns:
         columns[0] = ids
         self._add(columns, trained)
 
+    def spoken(self, turns: list[tuple[int, str]]) -> None:
+        """``<|speaker:i|>text`` for each ``(i, text)`` as one piece, the texts read as plain text: a
+        tokenizer splits a piece at its special tokens before anything else, so for texts without tags
+        these are the ids ``text(with_speaker(text, i))`` gives."""
+        ids = []
+        for i, text in turns:
+            ids += [self.tokenizer.speaker_id(i), *self.tokenizer.encode(text, specials=False)]
+        columns = torch.zeros(1 + self.k, len(ids), dtype=torch.long)
+        columns[0] = torch.tensor(ids, dtype=torch.long)
+        self._add(columns, False)
+
     def frames(self, codes: Tensor, trained: bool = False) -> None:
         codes = torch.as_tensor(codes, dtype=torch.long)  # (K, T)
         if codes.dim() != 2 or codes.shape[0] != self.k:
@@ -102,6 +116,8 @@ def build_prompt(
     codes: Tensor | None = None,
     references: Sequence[Reference] = (),
     system_turn: bool = True,
+    literal: bool = False,
+    speaker: int = 0,
 ) -> Prompt:
     """The S2 chat prompt for ``text`` spoken in the voice of ``references`` (if any).
 
@@ -112,7 +128,11 @@ def build_prompt(
     if references:
         out.text("<|im_start|>system\n")
         out.text(REFERENCE_SYSTEM)
-        out.text("\n".join(with_speaker(r.text, i) for i, r in enumerate(references)))
+        if literal:
+            last = len(references) - 1
+            out.spoken([(i, r.text + ("\n" if i < last else "")) for i, r in enumerate(references)])
+        else:
+            out.text("\n".join(with_speaker(r.text, i) for i, r in enumerate(references)))
         out.text(SPEECH_HEADER)
         for reference in references:
             out.frames(reference.codes)
@@ -122,7 +142,10 @@ def build_prompt(
         out.text(PLAIN_SYSTEM)
         out.text("<|im_end|>\n")
     out.text("<|im_start|>user\n")
-    out.text(with_speaker(text))
+    if literal:
+        out.spoken([(speaker, text)])
+    else:
+        out.text(with_speaker(text, speaker))
     out.text("<|im_end|>\n")
     out.text("<|im_start|>assistant\n<|voice|>")
     if codes is not None:

@@ -11,7 +11,8 @@ contiguous block ``<|semantic:0|>`` .. ``<|semantic:n-1|>``, so that a semantic 
   With the same sizes its ids equal the tiny S2 Pro fixture tokenizer's, id for id.
 
 Both find special tokens written inside text (``"<|speaker:0|>Hi."`` encodes the speaker tag as one id),
-as Hugging Face tokenizers do with added tokens.
+as Hugging Face tokenizers do with added tokens; ``encode(text, specials=False)`` reads such names as
+plain text instead, for text from someone who must not steer the prompt (a server's client).
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ class TextTokenizer(ABC):
     n_speakers: int
 
     @abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Ids of ``text``, with special tokens written in it recognised; no BOS/EOS is added."""
+    def encode(self, text: str, specials: bool = True) -> list[int]:
+        """Ids of ``text``, with special tokens written in it recognised (``specials=False``: spelled out
+        as the plain text they are); no BOS/EOS is added."""
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
@@ -153,7 +155,9 @@ class ByteTokenizer(TextTokenizer):
             raise KeyError(f"{name} is not a special token of this ByteTokenizer")
         return self._ids[name]
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, specials: bool = True) -> list[int]:
+        if not specials:
+            return list(text.encode("utf-8"))
         ids: list[int] = []
         start = 0
         for match in _ANY_TAG.finditer(text):
@@ -218,8 +222,16 @@ class HFTokenizer(TextTokenizer):
             raise KeyError(f"{name} is not in this tokenizer's vocabulary")
         return i
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, specials: bool = True) -> list[int]:
+        if specials:
+            return self._tokenizer.encode(text, add_special_tokens=False).ids
+        # encode_special_tokens: added tokens in the text go through the BPE like any other text
+        self._tokenizer.encode_special_tokens = True
+        try:
+            ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tokenizer.encode_special_tokens = False
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
