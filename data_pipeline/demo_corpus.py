@@ -81,15 +81,26 @@ def check_tools() -> None:
         raise ValueError(f"the demo corpus needs {' and '.join(missing)}: apt-get install flite espeak-ng")
 
 
-def synthesize(speaker: str, text: str, sample_rate: int) -> np.ndarray:
-    """One sentence from the speaker's engine, mono float32 at ``sample_rate``."""
+def synthesize(speaker: str, text: str, sample_rate: int, stretch: float = 1.0) -> np.ndarray:
+    """One sentence from the speaker's engine, mono float32 at ``sample_rate``; ``stretch`` > 1 speaks
+    slower (flite's duration_stretch, espeak-ng's words per minute)."""
     engine, voice, _ = VOICES[speaker]
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "s.wav"
         if engine == "flite":
-            cmd = ["flite", "-voice", voice, "-t", text, "-o", str(wav)]
+            cmd = [
+                "flite",
+                "-voice",
+                voice,
+                "--setf",
+                f"duration_stretch={stretch}",
+                "-t",
+                text,
+                "-o",
+                str(wav),
+            ]
         else:
-            cmd = ["espeak-ng", "-v", voice, "-w", str(wav), text]
+            cmd = ["espeak-ng", "-v", voice, "-s", str(round(175 / stretch)), "-w", str(wav), text]
         subprocess.run(cmd, check=True, capture_output=True, timeout=60)
         samples, rate = sf.read(wav, dtype="float32", always_2d=True)
     samples = resample(samples[:, 0], rate, sample_rate)

@@ -2,10 +2,24 @@
 
 Measurements: pitch (median and spread in semitones, from librosa's pYIN), voiced ratio, speaking rate
 (syllables per second of speech), loudness (LUFS, pyloudnorm), SNR and bandwidth (from the quality
-judge) and the pauses inside the segment. A versioned bin-edge file (``caption_bins/v1.json``) turns
+judge) and the pauses inside the segment. A versioned bin-edge file (``caption_bins/v2.json``) turns
 them into words; gender is guessed from pitch with an explicit unknown band. The caption is written
-from varied templates (picked by a hash of the segment id, so reruns agree) and ``[pause]`` tags mark
-the long gaps between words. A learned captioner fills the same fields later.
+from varied templates (picked by a hash of the segment id, so reruns agree). A learned captioner fills
+the same fields later.
+
+Inline tags, placed by the word timings the ASR gives (``word_index``: the tag goes before that word;
+thresholds under ``tags`` in the bin file):
+
+- ``[pause]`` / ``[long pause]``: a silence of at least ``pause_min_s`` / ``long_pause_min_s``;
+- ``[emphasis]``: a word ``emphasis_db`` louder, or ``emphasis_semitones`` higher, than the median of
+  its ``emphasis_neighbours`` neighbours either side;
+- ``[whisper]``: a run of words with voicing in at most ``whisper_voiced_max`` of their frames, yet
+  audible (a whisper has its energy but not its pitch);
+- ``[fast]`` / ``[slow]``: a stretch of words between gaps of ``span_gap_s`` whose syllable rate is at
+  least ``fast_ratio`` / at most ``slow_ratio`` times the segment's own (the median stretch's rate; it
+  takes three stretches to have one).
+
+v1 bin files (no ``tags``) give ``[pause]`` alone, as they always did.
 """
 
 from __future__ import annotations
@@ -24,7 +38,7 @@ from s2train.judges.asr import Word
 
 @dataclass
 class CaptionerConfig:
-    bins: str = "v1"  # s2train/judges/caption_bins/<bins>.json, or a path to such a file
+    bins: str = "v2"  # s2train/judges/caption_bins/<bins>.json, or a path to such a file
 
 
 BINS_DIR = Path(__file__).parent / "caption_bins"
@@ -62,17 +76,40 @@ def count_syllables(text: str) -> int:
     return len(cjk) + sum(max(1, len(re.findall(r"[aeiouyàáâãäåèéêëìíîïòóôõöùúûüý]+", w))) for w in words)
 
 
-def pitch_stats(wav: np.ndarray) -> tuple[float | None, float | None, float]:
-    """``(median f0 Hz, f0 spread in semitones, voiced ratio)`` from pYIN."""
+PITCH_HOP = 320  # samples between pYIN frames (20 ms at 16 kHz)
+
+
+@dataclass
+class PitchTrack:
+    f0: np.ndarray  # (frames,) Hz, NaN where unvoiced
+    voiced: np.ndarray  # (frames,) bool
+
+    def frames(self, start_s: float, end_s: float) -> slice:
+        hop_s = PITCH_HOP / JUDGE_RATE
+        return slice(
+            int(round(start_s / hop_s)), max(int(round(end_s / hop_s)), int(round(start_s / hop_s)) + 1)
+        )
+
+
+def pitch_track(wav: np.ndarray) -> PitchTrack | None:
+    """librosa's pYIN over the segment (None when it is too short to track)."""
     import librosa
 
     if len(wav) < 2048:
-        return None, None, 0.0
+        return None
     f0, voiced, _ = librosa.pyin(
-        wav.astype(np.float32), fmin=60.0, fmax=500.0, sr=JUDGE_RATE, frame_length=1024, hop_length=320
+        wav.astype(np.float32), fmin=60.0, fmax=500.0, sr=JUDGE_RATE, frame_length=1024, hop_length=PITCH_HOP
     )
-    f0 = f0[voiced & np.isfinite(f0)]
-    ratio = float(np.mean(voiced)) if len(voiced) else 0.0
+    return PitchTrack(f0, voiced & np.isfinite(f0))
+
+
+def pitch_stats(wav: np.ndarray, track: PitchTrack | None = None) -> tuple[float | None, float | None, float]:
+    """``(median f0 Hz, f0 spread in semitones, voiced ratio)`` from pYIN."""
+    track = track if track is not None else pitch_track(wav)
+    if track is None:
+        return None, None, 0.0
+    f0 = track.f0[track.voiced]
+    ratio = float(np.mean(track.voiced)) if len(track.voiced) else 0.0
     if len(f0) < 5:
         return None, None, ratio
     semitones = 12 * np.log2(f0 / np.median(f0))
@@ -106,8 +143,8 @@ class RuleCaptioner:
         self.bins = load_bins(cfg.bins)
         self.seed = seed
 
-    def measure(self, wav: np.ndarray, text: str, speech_s: float) -> dict:
-        pitch, spread, voiced = pitch_stats(wav)
+    def measure(self, wav: np.ndarray, text: str, speech_s: float, track: PitchTrack | None = None) -> dict:
+        pitch, spread, voiced = pitch_stats(wav, track)
         syllables = count_syllables(text)
         return {
             "pitch_hz": None if pitch is None else round(pitch, 2),
@@ -118,15 +155,103 @@ class RuleCaptioner:
         }
 
     def pause_tags(self, pauses: list[tuple[float, float]], words: list[Word]) -> list[dict]:
-        """``[pause]`` at each silence of at least ``pause_tag_min_s``; times relative to the segment."""
+        """``[pause]`` (and, with v2 bins, ``[long pause]``) at each silence long enough; times relative
+        to the segment."""
+        spec = self.bins.get("tags")
+        shortest = spec["pause_min_s"] if spec else self.bins["pause_tag_min_s"]
         tags = []
         for start, end in pauses:
-            if end - start >= self.bins["pause_tag_min_s"]:
+            if end - start >= shortest:
                 middle = (start + end) / 2
                 index = sum(1 for w in words if w.end <= middle) if words else None
+                name = "[long pause]" if spec and end - start >= spec["long_pause_min_s"] else "[pause]"
                 tags.append(
-                    {"tag": "[pause]", "start": round(start, 3), "end": round(end, 3), "word_index": index}
+                    {"tag": name, "start": round(start, 3), "end": round(end, 3), "word_index": index}
                 )
+        return tags
+
+    def word_tags(self, wav: np.ndarray, words: list[Word], track: PitchTrack | None) -> list[dict]:
+        """``[emphasis]``, ``[whisper]``, ``[fast]`` and ``[slow]`` from the words' timings (v2 bins)."""
+        spec = self.bins.get("tags")
+        if not spec or not words:
+            return []
+        tags = []
+
+        def tag(name: str, first: int, last: int) -> None:
+            tags.append(
+                {
+                    "tag": name,
+                    "start": round(words[first].start, 3),
+                    "end": round(words[last].end, 3),
+                    "word_index": first,
+                }
+            )
+
+        level, pitch, voiced = [], [], []
+        for w in words:
+            piece = wav[
+                int(w.start * JUDGE_RATE) : max(int(w.end * JUDGE_RATE), int(w.start * JUDGE_RATE) + 1)
+            ]
+            level.append(20 * np.log10(float(np.sqrt(np.mean(piece.astype(np.float64) ** 2))) + 1e-9))
+            frames = track.frames(w.start, w.end) if track is not None else slice(0, 0)
+            f0 = track.f0[frames][track.voiced[frames]] if track is not None else np.zeros(0)
+            pitch.append(12 * np.log2(np.median(f0)) if len(f0) else np.nan)
+            voiced.append(
+                float(np.mean(track.voiced[frames]))
+                if track is not None and len(track.voiced[frames])
+                else np.nan
+            )
+        level, pitch = np.array(level), np.array(pitch)
+
+        reach = spec["emphasis_neighbours"]
+        for i, w in enumerate(words):
+            if w.end - w.start < spec["emphasis_min_word_s"]:
+                continue
+            around = [j for j in range(max(0, i - reach), min(len(words), i + reach + 1)) if j != i]
+            if len(around) < 2:
+                continue
+            louder = level[i] - np.median(level[around]) >= spec["emphasis_db"]
+            others = pitch[around][np.isfinite(pitch[around])]
+            higher = (
+                np.isfinite(pitch[i])
+                and len(others) >= 2
+                and pitch[i] - np.median(others) >= spec["emphasis_semitones"]
+            )
+            if louder or higher:
+                tag("[emphasis]", i, i)
+
+        whispered = [
+            w.end - w.start >= spec["whisper_min_word_s"]
+            and np.isfinite(voiced[i])
+            and voiced[i] <= spec["whisper_voiced_max"]
+            and level[i] >= spec["whisper_min_dbfs"]
+            for i, w in enumerate(words)
+        ]
+        for i, yes in enumerate(whispered):
+            if yes and (i == 0 or not whispered[i - 1]):
+                last = i
+                while last + 1 < len(words) and whispered[last + 1]:
+                    last += 1
+                tag("[whisper]", i, last)
+
+        spans, first = [], 0  # stretches of words between gaps
+        for i in range(1, len(words) + 1):
+            if i == len(words) or words[i].start - words[i - 1].end >= spec["span_gap_s"]:
+                spans.append((first, i - 1))
+                first = i
+        rates = [
+            (a, b, sum(count_syllables(w.word) for w in words[a : b + 1]) / (words[b].end - words[a].start))
+            for a, b in spans
+            if b > a and words[b].end > words[a].start
+        ]
+        if len(rates) >= 3:  # the speaker's own rate: the median stretch's, which one odd stretch cannot move
+            own = float(np.median([r for *_, r in rates]))
+            for a, b, rate in rates:
+                if b - a + 1 >= spec["span_min_words"] and own > 0:
+                    if rate / own >= spec["fast_ratio"]:
+                        tag("[fast]", a, b)
+                    elif rate / own <= spec["slow_ratio"]:
+                        tag("[slow]", a, b)
         return tags
 
     def caption(self, key: str, m: dict) -> str:
@@ -163,5 +288,8 @@ class RuleCaptioner:
         self, key: str, wav: np.ndarray, text: str, words: list[Word], pauses, speech_s: float, extra: dict
     ) -> dict:
         """Measurements, caption and tags of one segment; ``extra`` brings SNR and bandwidth."""
-        m = {**self.measure(wav, text, speech_s), **extra}
-        return {**m, "caption": self.caption(key, m), "tags": self.pause_tags(pauses, words)}
+        track = pitch_track(wav)
+        m = {**self.measure(wav, text, speech_s, track), **extra}
+        tags = self.pause_tags(pauses, words) + self.word_tags(wav, words, track)
+        tags.sort(key=lambda t: (t["start"], t["tag"]))
+        return {**m, "caption": self.caption(key, m), "tags": tags}
