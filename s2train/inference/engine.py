@@ -122,16 +122,25 @@ def speech_request(
     references: Sequence[Reference] = (),
     system_turn: bool = True,
     literal: bool = False,
+    caption: str | None = None,
     **fields,
 ) -> Request:
     """A ``Request`` for ``text`` (in the voice of ``references``) with the prompt ``build_prompt`` makes,
     the one training uses; its system turn (references, or the plain system prompt) is the shared prefix.
-    ``literal``: the texts are plain text (``build_prompt``). ``fields`` are the other ``Request`` fields."""
+    ``literal``: the texts are plain text; ``caption``: how to speak (``build_prompt``). ``fields`` are the
+    other ``Request`` fields."""
     prompt = build_prompt(
-        tokenizer, text, num_codebooks, references=references, system_turn=system_turn, literal=literal
+        tokenizer,
+        text,
+        num_codebooks,
+        references=references,
+        system_turn=system_turn,
+        literal=literal,
+        caption=caption,
     )
     starts = (prompt.tokens[0] == tokenizer.token_id("<|im_start|>")).nonzero()[:, 0]
-    prefix_len = int(starts[1]) if (references or system_turn) else 0  # where the user turn begins
+    has_system = bool(references) or system_turn or bool(caption)
+    prefix_len = int(starts[1]) if has_system else 0  # where the user turn begins
     return Request(prompt.tokens, prefix_len=prefix_len, **fields)
 
 

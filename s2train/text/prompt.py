@@ -18,6 +18,10 @@ The layout, as upstream's ``Conversation`` builds it (README 2.d, 2.g)::
   their codes concatenated in the same order.
 - Without a reference the system turn is upstream's ``convert the provided text to speech``
   (``system_turn=False``: no system turn at all, the plain form).
+- A ``caption`` (how to speak: "A female speaker with a low-pitched voice speaks at a slow pace.") opens
+  the system turn as a piece of its own, followed by ``\n\n`` and the rest of the turn; a caption always
+  makes a system turn, even with ``system_turn=False``. Inline tags (``[pause]``, ``[whisper]``, ...)
+  are plain text inside ``text``.
 - Each piece of text is tokenized alone, as upstream's parts are, so a BPE merge never crosses a piece
   boundary (``"Hi." + "\\n\\nSpeech:\\n"`` is not ``"Hi.\\n\\nSpeech:\\n"`` for Qwen3's BPE).
 - ``literal=True`` (text from a client): the texts are read as plain text, so ``<|im_end|>`` or
@@ -43,6 +47,7 @@ IGNORE = -100  # label of a position that is not trained
 REFERENCE_SYSTEM = "convert the provided text to speech reference to the following:\n\nText:\n"
 SPEECH_HEADER = "\n\nSpeech:\n"
 PLAIN_SYSTEM = "convert the provided text to speech"
+CAPTION_BREAK = "\n\n"
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,13 @@ class _Columns:
         columns[0] = ids
         self._add(columns, trained)
 
+    def spoken_text(self, text: str) -> None:
+        """``text`` read as plain text (special token names in it are spelled out)."""
+        ids = self.tokenizer.encode(text, specials=False)
+        columns = torch.zeros(1 + self.k, len(ids), dtype=torch.long)
+        columns[0] = torch.tensor(ids, dtype=torch.long)
+        self._add(columns, False)
+
     def spoken(self, turns: list[tuple[int, str]]) -> None:
         """``<|speaker:i|>text`` for each ``(i, text)`` as one piece, the texts read as plain text: a
         tokenizer splits a piece at its special tokens before anything else, so for texts without tags
@@ -118,6 +130,7 @@ def build_prompt(
     system_turn: bool = True,
     literal: bool = False,
     speaker: int = 0,
+    caption: str | None = None,
 ) -> Prompt:
     """The S2 chat prompt for ``text`` spoken in the voice of ``references`` (if any).
 
@@ -125,8 +138,18 @@ def build_prompt(
     holds those frames and ``<|im_end|>``; without, a generation prompt that ends after ``<|voice|>``.
     """
     out = _Columns(tokenizer, num_codebooks)
-    if references:
+
+    def open_system() -> None:
         out.text("<|im_start|>system\n")
+        if caption:
+            if literal:
+                out.spoken_text(caption)
+            else:
+                out.text(caption)
+            out.text(CAPTION_BREAK)
+
+    if references:
+        open_system()
         out.text(REFERENCE_SYSTEM)
         if literal:
             last = len(references) - 1
@@ -137,8 +160,8 @@ def build_prompt(
         for reference in references:
             out.frames(reference.codes)
         out.text("<|im_end|>\n")
-    elif system_turn:
-        out.text("<|im_start|>system\n")
+    elif system_turn or caption:
+        open_system()
         out.text(PLAIN_SYSTEM)
         out.text("<|im_end|>\n")
     out.text("<|im_start|>user\n")

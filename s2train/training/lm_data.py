@@ -16,6 +16,22 @@ fresh at position 0 with nothing before its prompt, so packing must not let one 
 An utterance whose inputs exceed ``max_len`` is dropped or cut to its first ``max_len`` positions
 (``lm_data.overlong``) and counted.
 
+**Examples.** Each utterance becomes one example of a kind drawn with the weights of ``lm_data.mix``
+(seeded by the stream's seed, the epoch and the utterance's place, so a resumed run draws the same):
+
+- ``plain``: the utterance's text and codes;
+- ``cloning``: another utterance of the same speaker from the same shard is the reference in the system
+  turn (its text and codes, as inference gives a reference clip); only the target is trained;
+- ``captioned``: the captioner's caption of the target opens the system turn;
+- ``tagged``: the target's text with the captioner's inline tags put back at their words (when the text
+  is the ASR's, whose words the tags count);
+- ``dialogue``: the target and an utterance of another speaker (of the same recording where the shard
+  holds one) as one turn, ``<|speaker:0|>text<|speaker:1|>text``, their codes one after the other, with
+  a reference of each speaker when the shard has another utterance of both.
+
+A kind the utterance cannot make falls back to plain. Every kind goes through ``build_prompt``, so its
+prompt is the one ``speech_request`` builds at inference for the same text, references and caption.
+
 **Readers.** Each DataLoader worker of each rank is one reader (``world_size * num_workers`` in all).
 When there are at least as many units (token shards, or blocks of rows of a saved dataset) as readers,
 every epoch deals the shuffled units round-robin to the readers; otherwise every reader walks all units
@@ -46,7 +62,7 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +71,37 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from s2train.checks import check
+from s2train.judges.captioner import tagged_text
 from s2train.shards import read_tar
-from s2train.text.prompt import IGNORE, build_prompt, inputs_and_labels
-from s2train.text.tokenizer import TextTokenizer
+from s2train.text.prompt import IGNORE, Reference, build_prompt, inputs_and_labels
+from s2train.text.tokenizer import TextTokenizer, speaker_token
+
+
+@dataclass
+class ExampleMix:
+    """Mixing weights of the kinds of training example (``s2train.training.lm_data``, "Examples"); they
+    need not sum to 1. An utterance drawn for a kind it cannot make (no other utterance of its speaker in
+    its shard, no caption, tags that do not fit its text, no second speaker) becomes a plain example."""
+
+    plain: float = 1.0
+    cloning: float = 0.0
+    captioned: float = 0.0
+    tagged: float = 0.0
+    dialogue: float = 0.0
+
+    def __post_init__(self) -> None:
+        weights = [self.plain, self.cloning, self.captioned, self.tagged, self.dialogue]
+        check(
+            all(w >= 0 for w in weights) and sum(weights) > 0,
+            f"the example mix weights must be >= 0 and not all 0, not {weights}",
+        )
+
+    def probabilities(self) -> np.ndarray:
+        weights = np.array([getattr(self, k) for k in KINDS], dtype=np.float64)
+        return weights / weights.sum()
+
+
+KINDS = ("plain", "cloning", "captioned", "tagged", "dialogue")
 
 
 @dataclass
@@ -70,6 +114,7 @@ class LMDataConfig:
     shuffle: bool = True  # a seeded new order every epoch
     loop: bool = True  # endless: every reader runs epoch after epoch (training); false: one pass
     hf_rows_per_unit: int = 1024  # a save_to_disk dataset is split into units of this many rows
+    mix: ExampleMix = field(default_factory=ExampleMix)  # pretraining: plain, optionally cloning
 
     def __post_init__(self) -> None:
         check(self.max_len >= 8, "lm_data.max_len must be at least 8")
@@ -91,6 +136,23 @@ class TokenUtterance:
     speaker: str
     text: str
     codes: np.ndarray  # (K, T) integer codes
+    caption: str | None = None  # the captioner's, when the token data holds one
+    tags: tuple = ()  # the captioner's inline tags ({tag, word_index, ...})
+    asr_text: str | None = None  # the words the tags' word_index counts
+    source: str | None = None  # the recording it was cut from
+
+
+def _utterance(key: str, meta: dict, codes: np.ndarray) -> TokenUtterance:
+    return TokenUtterance(
+        key,
+        str(meta.get("speaker") or key),
+        meta["text"],
+        codes,
+        caption=meta.get("caption") or None,
+        tags=tuple(meta.get("tags") or ()),
+        asr_text=meta.get("asr_text"),
+        source=meta.get("source"),
+    )
 
 
 class TokenSource(ABC):
@@ -125,13 +187,14 @@ class TarShards(TokenSource):
                 raise ValueError(f"{self.paths[unit]}: sample {key} lacks its .codes.npy or .json")
             meta = json.loads(members["json"])
             codes = np.load(io.BytesIO(members["codes.npy"]), allow_pickle=False)
-            utterances.append(TokenUtterance(key, str(meta.get("speaker") or key), meta["text"], codes))
+            utterances.append(_utterance(key, meta, codes))
         return utterances
 
 
 class SavedDataset(TokenSource):
     """A Hugging Face ``datasets`` folder written by ``save_to_disk`` with a ``codes`` column (K lists of T
-    ints) and ``text``, optionally ``speaker`` and ``id``; units are blocks of ``rows_per_unit`` rows."""
+    ints) and ``text``, optionally ``speaker``, ``id``, ``caption``, ``tags``, ``asr_text`` and ``source``;
+    units are blocks of ``rows_per_unit`` rows."""
 
     def __init__(self, path: str | Path, rows_per_unit: int):
         self.path, self.rows_per_unit = str(path), rows_per_unit
@@ -159,10 +222,11 @@ class SavedDataset(TokenSource):
         first = unit * self.rows_per_unit
         rows = self.dataset[first : min(first + self.rows_per_unit, len(self.dataset))]
         utterances = []
-        for i, (codes, text) in enumerate(zip(rows["codes"], rows["text"])):
+        optional = [c for c in ("speaker", "caption", "tags", "asr_text", "source") if c in rows]
+        for i, codes in enumerate(rows["codes"]):
             key = str(rows["id"][i]) if "id" in rows else f"row{first + i}"
-            speaker = rows["speaker"][i] if "speaker" in rows else None
-            utterances.append(TokenUtterance(key, str(speaker or key), text, np.asarray(codes)))
+            meta = {"text": rows["text"][i], **{c: rows[c][i] for c in optional}}
+            utterances.append(_utterance(key, meta, np.asarray(codes)))
         return utterances
 
 
@@ -190,6 +254,20 @@ def open_token_source(spec: str | Path, rows_per_unit: int = 1024) -> TokenSourc
 
 
 @dataclass
+class Example:
+    """What one training example asks of the model: the inputs an inference request would give (text,
+    references, caption) and the codes it must answer with."""
+
+    kind: str
+    key: str
+    speaker: str
+    text: str
+    codes: np.ndarray  # (K, T): the assistant turn's frames
+    references: list[Reference] = field(default_factory=list)
+    caption: str | None = None
+
+
+@dataclass
 class Segment:
     """One utterance, shifted: ``inputs`` and ``labels`` ``(1 + K, n)``."""
 
@@ -197,6 +275,7 @@ class Segment:
     speaker: str
     inputs: Tensor
     labels: Tensor
+    kind: str = "plain"
 
 
 @dataclass
@@ -207,6 +286,7 @@ class PackedSequence:
     segment_ids: Tensor  # (T,) int64, 0, 1, ... one per packed utterance
     keys: list[str]
     cursor: tuple[int, int, int, int, int]  # reader, readers on this rank, epoch, yielded, overlong
+    kinds: list[str] = field(default_factory=list)  # the example kind of each segment
 
 
 def pack_segments(segments: list[Segment]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -241,6 +321,7 @@ class _Packer:
                 segment.speaker,
                 segment.inputs[:, : self.max_len],
                 segment.labels[:, : self.max_len],
+                segment.kind,
             )
             n = self.max_len
         full = None
@@ -253,6 +334,56 @@ class _Packer:
     def flush(self) -> list[Segment] | None:
         full, self.pending, self.length = self.pending or None, [], 0
         return full
+
+
+# ------------------------------------------------------------------------------------------ examples
+
+
+def _other(run: list[TokenUtterance], but: TokenUtterance, rng: np.random.Generator) -> TokenUtterance | None:
+    others = [x for x in run if x.key != but.key]
+    return others[int(rng.integers(len(others)))] if others else None
+
+
+def _build_example(
+    kind: str, u: TokenUtterance, groups: dict[str, list[TokenUtterance]], rng: np.random.Generator
+) -> Example | None:
+    """One example of ``kind`` around the target ``u``, or None where ``u`` cannot make it."""
+    if kind == "cloning":  # another utterance of the speaker is the voice to clone, as at inference
+        ref = _other(groups[u.speaker], u, rng)
+        if ref is None:
+            return None
+        return Example(
+            kind,
+            u.key,
+            u.speaker,
+            u.text,
+            u.codes,
+            [Reference(ref.text, torch.from_numpy(ref.codes.astype(np.int64)))],
+        )
+    if kind == "captioned":
+        return Example(kind, u.key, u.speaker, u.text, u.codes, caption=u.caption) if u.caption else None
+    if kind == "tagged":  # word_index counts the ASR's words: the tags fit a text that is the ASR's
+        placed = [t for t in u.tags if t.get("word_index") is not None]
+        if not placed or u.asr_text is None or u.text.split() != u.asr_text.split():
+            return None
+        return Example(kind, u.key, u.speaker, tagged_text(u.text.split(), placed), u.codes)
+    if kind == "dialogue":  # the next voice: of the same recording where there is one, else of the shard
+        partners = [x for speaker, run in groups.items() if speaker != u.speaker for x in run]
+        same = [x for x in partners if x.source and x.source == u.source]
+        pool = same or partners
+        if not pool:
+            return None
+        b = pool[int(rng.integers(len(pool)))]
+        text = f"{speaker_token(0)}{u.text}{speaker_token(1)}{b.text}"
+        codes = np.concatenate([u.codes, b.codes], axis=1)
+        voices = [_other(groups[u.speaker], u, rng), _other(groups[b.speaker], b, rng)]
+        references = [
+            Reference(v.text, torch.from_numpy(v.codes.astype(np.int64))) for v in voices if v is not None
+        ]
+        return Example(
+            kind, f"{u.key}+{b.key}", u.speaker, text, codes, references if len(references) == 2 else []
+        )
+    raise ValueError(f"unknown example kind {kind!r}; the kinds are {', '.join(KINDS)}")
 
 
 # -------------------------------------------------------------------------------------------- stream
@@ -346,33 +477,57 @@ class TokenStream(IterableDataset):
             runs = [runs[i] for i in rng.permutation(len(runs))]
         return [u for run in runs for u in run]
 
-    def _utterances(self, epoch: int, reader: int, readers: int) -> Iterator[TokenUtterance]:
-        """This reader's share of one epoch, in order."""
+    def _utterances(
+        self, epoch: int, reader: int, readers: int
+    ) -> Iterator[tuple[TokenUtterance, dict, int]]:
+        """This reader's share of one epoch, in order: ``(utterance, its unit's utterances by speaker,
+        a seed of its own)``."""
         order = self._unit_order(epoch)
         by_unit = len(order) >= readers
         index = 0
         for unit in order[reader::readers] if by_unit else order:
-            for utterance in self._speaker_runs(self.source.read_unit(int(unit)), epoch, unit):
+            ordered = self._speaker_runs(self.source.read_unit(int(unit)), epoch, unit)
+            groups: dict[str, list[TokenUtterance]] = {}
+            for u in ordered:
+                groups.setdefault(u.speaker, []).append(u)
+            for position, utterance in enumerate(ordered):
                 if by_unit or index % readers == reader:
-                    yield utterance
+                    yield utterance, groups, (epoch, int(unit), position)
                 index += 1
 
-    def _segment(self, utterance: TokenUtterance) -> Segment:
-        codes = torch.from_numpy(utterance.codes.astype(np.int64))
+    def example(
+        self, u: TokenUtterance, groups: dict[str, list[TokenUtterance]], where: tuple[int, ...]
+    ) -> Example:
+        """The example ``u`` makes at ``where`` (epoch, unit, position): a kind drawn by ``lm_data.mix``
+        from a generator seeded by the stream's seed and ``where``, so a resumed epoch draws the same;
+        plain where the drawn kind needs what ``u`` lacks."""
+        rng = np.random.default_rng([self.seed, *where])
+        kind = KINDS[int(rng.choice(len(KINDS), p=self.cfg.mix.probabilities()))]
+        made = _build_example(kind, u, groups, rng) if kind != "plain" else None
+        return made or Example("plain", u.key, u.speaker, u.text, u.codes)
+
+    def _segment(self, example: Example) -> Segment:
+        codes = torch.from_numpy(example.codes.astype(np.int64))
         try:
             prompt = build_prompt(
-                self.tokenizer, utterance.text, self.num_codebooks, codes=codes, system_turn=self.system_turn
+                self.tokenizer,
+                example.text,
+                self.num_codebooks,
+                codes=codes,
+                references=example.references,
+                caption=example.caption,
+                system_turn=self.system_turn,
             )
         except ValueError as error:
-            raise ValueError(f"utterance {utterance.key}: {error}") from error
+            raise ValueError(f"utterance {example.key}: {error}") from error
         inputs, labels = inputs_and_labels(prompt, self.tokenizer)
-        return Segment(utterance.key, utterance.speaker, inputs, labels)
+        return Segment(example.key, example.speaker, inputs, labels, example.kind)
 
     def _epoch(self, epoch: int, reader: int, readers: int) -> Iterator[tuple[list[Segment], int]]:
         """``(segments of one packed sequence, overlong utterances so far)`` for one epoch of a reader."""
         packer = _Packer(self.cfg.max_len, self.cfg.overlong)
-        for utterance in self._utterances(epoch, reader, readers):
-            if full := packer.add(self._segment(utterance)):
+        for utterance, groups, where in self._utterances(epoch, reader, readers):
+            if full := packer.add(self._segment(self.example(utterance, groups, where))):
                 yield full, packer.overlong_count
         if full := packer.flush():
             yield full, packer.overlong_count
@@ -399,7 +554,13 @@ class TokenStream(IterableDataset):
                 inputs, labels, positions, segment_ids = pack_segments(segments)
                 keys = [s.key for s in segments]
                 yield PackedSequence(
-                    inputs, labels, positions, segment_ids, keys, (local, workers, epoch, yielded, overlong)
+                    inputs,
+                    labels,
+                    positions,
+                    segment_ids,
+                    keys,
+                    (local, workers, epoch, yielded, overlong),
+                    [s.kind for s in segments],
                 )
             if not self.cfg.loop:
                 return
@@ -450,4 +611,5 @@ class Collate:
             "segment_ids": segment_ids,
             "stream": torch.tensor([s.cursor for s in sequences], dtype=torch.long),
             "keys": [s.keys for s in sequences],
+            "kinds": [s.kinds for s in sequences],
         }

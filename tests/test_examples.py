@@ -1,0 +1,141 @@
+"""Training examples of every kind (plain, cloning, captioned, tagged, dialogue): each builds, token for
+token, the prompt the inference engine builds for the same inputs; only the target's frames and its
+closing <|im_end|> are trained; the mixing weights are honoured; a kind an utterance cannot make falls
+back to plain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from s2train.inference.engine import speech_request
+from s2train.shards import write_tar
+from s2train.text.prompt import IGNORE, build_prompt
+from s2train.training.lm_data import KINDS, ExampleMix, LMDataConfig, TokenStream, open_token_source
+from tests.test_lm_data import TOK, K, _npy
+
+WORDS = "rain fell softly on the quiet harbour town before seven ships sailed north".split()
+
+
+def write_rich_shards(folder: Path, n_shards: int = 2, per_shard: int = 12, seed: int = 0) -> None:
+    """Token shards whose utterances carry what every kind needs: captions, tags on the ASR's words, two
+    recordings of several speakers each."""
+    rng = np.random.default_rng(seed)
+    for s in range(n_shards):
+        members = []
+        for i in range(per_shard):
+            key, frames = f"s{s}u{i}", int(rng.integers(3, 12))
+            codes = np.concatenate([rng.integers(0, 64, (1, frames)), rng.integers(0, 32, (K - 1, frames))])
+            words = list(rng.choice(WORDS, int(rng.integers(3, 7))))
+            meta = {
+                "id": key,
+                "text": " ".join(words),
+                "asr_text": " ".join(words),
+                "speaker": f"spk{i % 3}",
+                "source": f"rec{s}-{i % 2}.wav",
+                "caption": f"A {['slow', 'fast', 'quiet'][i % 3]} voice.",
+                "tags": [{"tag": "[pause]", "word_index": 1}, {"tag": "[emphasis]", "word_index": 2}],
+            }
+            members += [
+                (f"{key}.codes.npy", _npy(codes.astype(np.uint16))),
+                (f"{key}.json", json.dumps(meta).encode()),
+            ]
+        write_tar(folder / "shards" / f"tokens-{s:06d}.tar", members)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("rich_tokens")
+    write_rich_shards(folder)
+    return folder
+
+
+def stream_of(folder: Path, **mix) -> TokenStream:
+    cfg = LMDataConfig(max_len=400, loop=False, mix=ExampleMix(**{"plain": 0.0, **mix}))
+    return TokenStream(open_token_source(folder), TOK, K, cfg, seed=3)
+
+
+def examples(stream: TokenStream, epochs: int = 1):
+    for epoch in range(epochs):
+        for u, groups, where in stream._utterances(epoch, 0, 1):
+            yield stream.example(u, groups, where)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_builds_the_prompt_inference_builds(shards, kind):
+    stream = stream_of(shards, **{kind: 1.0})
+    made = list(examples(stream))
+    assert made and all(e.kind == kind for e in made)
+    for e in made[:6]:
+        codes = torch.from_numpy(e.codes.astype(np.int64))
+        train = build_prompt(TOK, e.text, K, codes=codes, references=e.references, caption=e.caption)
+        infer = speech_request(TOK, e.text, K, references=e.references, caption=e.caption).prompt
+        n = infer.shape[1]
+        assert torch.equal(train.tokens[:, :n], infer)  # the prefix the engine builds, token for token
+        # trained: exactly the target's frames and its closing <|im_end|>, nothing of the references
+        assert train.trained.tolist() == [False] * n + [True] * (e.codes.shape[1] + 1)
+        segment = stream._segment(e)
+        trained_labels = (segment.labels[0] != IGNORE).sum().item()
+        assert trained_labels == e.codes.shape[1] + 1
+        text = TOK.decode(infer[0].tolist())
+        if kind == "cloning":
+            assert len(e.references) == 1 and "Speech:\n" in text
+        if kind == "captioned":
+            assert e.caption and text.startswith(f"<|im_start|>system\n{e.caption}\n\n")
+        if kind == "tagged":
+            assert "[pause]" in e.text and "[emphasis]" in e.text
+        if kind == "dialogue":
+            assert "<|speaker:0|>" in e.text and "<|speaker:1|>" in e.text
+            assert e.codes.shape[1] > 0 and "+" in e.key
+
+
+def test_dialogue_pairs_voices_of_one_recording_with_a_reference_each(shards):
+    for e in examples(stream_of(shards, dialogue=1.0)):
+        first, second = e.key.split("+")
+        assert first != second and len(e.references) == 2
+        texts = [r.text for r in e.references]
+        assert all(texts)
+
+
+def test_mixing_weights_are_honoured(shards):
+    weights = {"plain": 1.0, "cloning": 2.0, "captioned": 1.0, "tagged": 0.5, "dialogue": 0.5}
+    stream = stream_of(shards, **weights)
+    counts = dict.fromkeys(KINDS, 0)
+    for e in examples(stream, epochs=150):  # 24 utterances an epoch: 3,600 examples
+        counts[e.kind] += 1
+    total = sum(counts.values())
+    assert total == 3600
+    for kind, weight in weights.items():
+        assert abs(counts[kind] / total - weight / 5.0) < 0.025, counts
+
+
+def test_a_kind_an_utterance_cannot_make_falls_back_to_plain(tmp_path):
+    folder = tmp_path / "bare"
+    members = []
+    for i in range(3):  # one speaker alone in the shard, no caption, text not the ASR's
+        codes = np.zeros((K, 4), np.uint16)
+        meta = {
+            "id": f"u{i}",
+            "text": f"Word {i}.",
+            "speaker": "solo",
+            "tags": [{"tag": "[pause]", "word_index": 1}],
+        }
+        members += [(f"u{i}.codes.npy", _npy(codes)), (f"u{i}.json", json.dumps(meta).encode())]
+    write_tar(folder / "shards" / "tokens-000000.tar", members)
+    for kind in ("captioned", "tagged", "dialogue"):
+        assert {e.kind for e in examples(stream_of(folder, **{kind: 1.0}))} == {"plain"}
+    assert {e.kind for e in examples(stream_of(folder, cloning=1.0))} == {"cloning"}
+
+
+def test_resumed_epochs_draw_the_same_kinds(shards):
+    first = [
+        (e.key, e.kind, e.text) for e in examples(stream_of(shards, plain=1.0, cloning=1.0, dialogue=1.0), 3)
+    ]
+    again = [
+        (e.key, e.kind, e.text) for e in examples(stream_of(shards, plain=1.0, cloning=1.0, dialogue=1.0), 3)
+    ]
+    assert first == again and len({k for _, k, _ in first}) == 3
