@@ -34,6 +34,7 @@ from s2train.text.tokenizer import TextConfig
 from s2train.training.codec_module import CodecTrainConfig
 from s2train.training.lm_data import LMDataConfig
 from s2train.training.lm_module import LMTrainConfig
+from s2train.training.sft_stage import SFTConfig
 from s2train.training.trainer import StrategyConfig
 
 
@@ -56,6 +57,7 @@ class S2Config:
     model: DualARConfig = field(default_factory=dual_ar_tiny)  # the `model` group: conf/model/*.yaml
     train: LMTrainConfig = field(default_factory=LMTrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)  # the `strategy` group
+    sft: SFTConfig = field(default_factory=SFTConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # the `eval` group: conf/eval/*.yaml

@@ -16,6 +16,7 @@ STAGES: dict[str, str] = {
     "tokenize": "data_pipeline.tokenize",
     "codec": "s2train.training.codec_stage",
     "pretrain": "s2train.training.pretrain_stage",
+    "sft": "s2train.training.sft_stage",
     "synthesize": "s2train.inference.synthesize_stage",
     "eval": "eval.stage",
     "pipeline": "s2train.cli",

@@ -21,15 +21,20 @@ from tests.test_lm_data import TOK, K, _npy
 WORDS = "rain fell softly on the quiet harbour town before seven ships sailed north".split()
 
 
-def write_rich_shards(folder: Path, n_shards: int = 2, per_shard: int = 12, seed: int = 0) -> None:
+def write_rich_shards(
+    folder: Path, n_shards: int = 2, per_shard: int = 12, seed: int = 0, sizes=(64, 32, 32, 32)
+) -> None:
     """Token shards whose utterances carry what every kind needs: captions, tags on the ASR's words, two
-    recordings of several speakers each."""
+    recordings of several speakers each; codebooks of ``sizes`` entries (and the tokenize run's
+    ``stats.json`` saying so)."""
     rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "stats.json").write_text(json.dumps({"codebook_sizes": list(sizes)}))
     for s in range(n_shards):
         members = []
         for i in range(per_shard):
             key, frames = f"s{s}u{i}", int(rng.integers(3, 12))
-            codes = np.concatenate([rng.integers(0, 64, (1, frames)), rng.integers(0, 32, (K - 1, frames))])
+            codes = np.stack([rng.integers(0, size, frames) for size in sizes])
             words = list(rng.choice(WORDS, int(rng.integers(3, 7))))
             meta = {
                 "id": key,

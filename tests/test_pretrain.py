@@ -177,7 +177,7 @@ def test_every_shipped_experiment_composes_and_builds_its_model_and_data(experim
     with torch.device("meta"):
         model = DualAR(model_cfg)
     assert sum(p.numel() for p in model.parameters()) > 0
-    data = LMDataModule(cfg, tokenizer, model_cfg.num_codebooks, module=None)
+    data = LMDataModule(cfg, tokenizer, model_cfg.num_codebooks, None, cfg.lm_data, cfg.train)
     assert data.num_codebooks == 4
 
 

@@ -108,9 +108,16 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class DualARModule(L.LightningModule):
-    def __init__(self, model_config: DualARConfig, train: LMTrainConfig, run_dir: Path | str):
+    def __init__(
+        self,
+        model_config: DualARConfig,
+        train: LMTrainConfig,
+        run_dir: Path | str,
+        init_state: dict[str, Tensor] | None = None,
+    ):
         super().__init__()
         self.model_config = model_config
+        self.init_state = init_state  # the weights to start from (SFT, fine-tuning); None: random
         self.train_cfg = train
         self.run_dir = Path(run_dir)
         self.model: DualAR | None = None
@@ -121,6 +128,9 @@ class DualARModule(L.LightningModule):
         ``zero.Init``, so a 4B model is sharded as it is built."""
         if self.model is None:
             self.model = DualAR(self.model_config)
+            if self.init_state is not None:  # a resumed run's checkpoint replaces these afterwards
+                self.model.load_state_dict(self.init_state)
+                self.init_state = None
             if self.train_cfg.activation_checkpointing:
                 checkpoint_blocks(self.model.slow.layers, self.model.fast.layers)
 

@@ -35,8 +35,8 @@ from s2train.checkpoints import save_dual_ar
 from s2train.models.dual_ar import DualARConfig
 from s2train.runs import stage_input
 from s2train.text.tokenizer import TextTokenizer, load_tokenizer
-from s2train.training.lm_data import Collate, TokenStream, open_token_source
-from s2train.training.lm_module import DualARModule, plot_losses, read_losses
+from s2train.training.lm_data import Collate, LMDataConfig, TokenStream, open_token_source
+from s2train.training.lm_module import DualARModule, LMTrainConfig, plot_losses, read_losses
 from s2train.training.trainer import (
     TrainerSpec,
     build_trainer,
@@ -96,18 +96,27 @@ def fit_model_to_data(
 class LMDataModule(L.LightningDataModule):
     """The token stream of this rank; it is built when the Trainer knows the rank and world size."""
 
-    def __init__(self, cfg: S2Config, tokenizer: TextTokenizer, num_codebooks: int, module: DualARModule):
+    def __init__(
+        self,
+        cfg: S2Config,
+        tokenizer: TextTokenizer,
+        num_codebooks: int,
+        module: DualARModule,
+        data: LMDataConfig,
+        train: LMTrainConfig,
+    ):
         super().__init__()
         self.cfg, self.tokenizer, self.num_codebooks, self.module = cfg, tokenizer, num_codebooks, module
+        self.data, self.train = data, train
         self.stream: TokenStream | None = None
 
     def train_dataloader(self) -> DataLoader:
         cfg = self.cfg
         self.stream = TokenStream(
-            open_token_source(token_input(cfg), cfg.lm_data.hf_rows_per_unit),
+            open_token_source(token_input(cfg), self.data.hf_rows_per_unit),
             self.tokenizer,
             self.num_codebooks,
-            cfg.lm_data,
+            self.data,
             seed=cfg.seed,
             rank=self.trainer.global_rank,
             world_size=self.trainer.world_size,
@@ -115,24 +124,28 @@ class LMDataModule(L.LightningDataModule):
         )
         if self.module.pending_stream_state is not None:  # a resumed run continues the data order
             self.stream.load_state_dict(self.module.pending_stream_state)
-        workers = cfg.train.num_workers
+        workers = self.train.num_workers
         return DataLoader(
             self.stream,
-            batch_size=cfg.train.batch_size,
+            batch_size=self.train.batch_size,
             num_workers=workers,
             collate_fn=Collate(self.tokenizer.token_id("<|pad|>")),
             persistent_workers=workers > 0,
         )
 
 
-def run(cfg: S2Config) -> dict | None:
-    t = cfg.train
+def train_dual_ar(
+    cfg: S2Config,
+    model_cfg: DualARConfig,
+    tokenizer: TextTokenizer,
+    t: LMTrainConfig,
+    data: LMDataConfig,
+    init_state: dict | None = None,
+) -> dict | None:
+    """Train the Dual-AR model on the token data (``lm_data.input``) with the shared trainer and write the
+    run directory: checkpoints, losses, the loss curve and the exported model. Pretraining starts from
+    ``model_cfg``'s random initialisation, later stages from ``init_state``. Returns rank 0's figures."""
     run_dir = Path(cfg.run_dir)
-    source = token_input(cfg)
-    tokenizer = load_tokenizer(cfg.text)
-    model_cfg, changed = fit_model_to_data(cfg.model, tokenizer, codebook_sizes(source))
-    for name, (preset, new) in changed.items():
-        print(f"model.{name}: {preset} -> {new} (from the tokenizer and the token shards)")
     trainer = build_trainer(
         TrainerSpec(
             run_dir=run_dir,
@@ -154,10 +167,10 @@ def run(cfg: S2Config) -> dict | None:
         use_distributed_sampler=False,  # the token stream splits the data itself
     )
     torch.manual_seed(cfg.seed)
-    module = DualARModule(model_cfg, t, run_dir)
-    data = LMDataModule(cfg, tokenizer, model_cfg.num_codebooks, module)
+    module = DualARModule(model_cfg, t, run_dir, init_state=init_state)
+    datamodule = LMDataModule(cfg, tokenizer, model_cfg.num_codebooks, module, data, t)
     resume = resume_point(run_dir)
-    train_s = fit(trainer, module, resume, datamodule=data)
+    train_s = fit(trainer, module, resume, datamodule=datamodule)
     state = gathered_state_dict(trainer, module.model)  # every rank takes part under ZeRO-3
     if not trainer.is_global_zero:
         return None  # rank 0 reports
@@ -179,7 +192,17 @@ def run(cfg: S2Config) -> dict | None:
         "final_fast_loss": round(last.get("loss/fast", float("nan")), 4),
         "train_wall_s": round(train_s, 2),
         "steps_per_s": round((trainer.global_step - resume.step) / train_s, 3),
-        "model_changes": {k: list(v) for k, v in changed.items()},
         "loss_curve": str(run_dir / "loss_curve.png"),
         "model": str(run_dir / "model.safetensors"),
     }
+
+
+def run(cfg: S2Config) -> dict | None:
+    tokenizer = load_tokenizer(cfg.text)
+    model_cfg, changed = fit_model_to_data(cfg.model, tokenizer, codebook_sizes(token_input(cfg)))
+    for name, (preset, new) in changed.items():
+        print(f"model.{name}: {preset} -> {new} (from the tokenizer and the token shards)")
+    result = train_dual_ar(cfg, model_cfg, tokenizer, cfg.train, cfg.lm_data)
+    if result is not None:
+        result["model_changes"] = {k: list(v) for k, v in changed.items()}
+    return result
