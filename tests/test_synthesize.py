@@ -17,7 +17,8 @@ from s2train.checkpoints import load_codec, save_dual_ar
 from s2train.cli import run_stage
 from s2train.config import S2Config
 from s2train.inference.sampling import SamplingParams
-from s2train.inference.synthesis import SynthesizeConfig, Synthesizer, Utterance
+from s2train.inference.synthesis import SynthesizeConfig, Synthesizer, Utterance, read_reference
+from s2train.inference.synthesize_stage import read_jsonl_requests
 from s2train.models.dual_ar import DualAR, tiny
 from s2train.text.tokenizer import TextConfig
 from tests.conftest import read_jsonl, run_cli
@@ -287,3 +288,49 @@ def test_a_literal_utterance_speaks_control_tokens_as_text(tmp_path, model_dir, 
     assert hostile in synth.tokenizer.decode(ids)
     [spoken] = synth.speak([Utterance("client", hostile, literal=True, seed=1, max_new_tokens=4)])
     assert spoken.generation.codes.shape[1] <= 4 and np.isfinite(spoken.audio).all()
+
+
+def test_captions_tags_and_a_dialogue_of_two_voices_reach_the_prompt(tmp_path, model_dir, codec_file, voices):
+    """A JSONL request with a caption and one with a reference per speaker: the prompt holds the caption
+    in its system turn and both voices' transcripts and codes; the files record them."""
+    t = np.arange(int(1.0 * 22050)) / 22050
+    sf.write(voices / "ben.wav", (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 22050)
+    rows = [
+        {
+            "text": "Hi [pause] there.",
+            "id": "captioned",
+            "caption": "A slow, whispery voice.",
+            "max_new_tokens": 4,
+        },
+        {
+            "text": "<|speaker:0|>Are you coming?<|speaker:1|>In a minute.",
+            "id": "dialogue",
+            "max_new_tokens": 4,
+            "references": [{"audio": "anna.wav", "text": "A chirp."}, {"audio": "ben.wav", "text": "A hum."}],
+        },
+    ]
+    jsonl = voices / "dialogue.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(tmp_path / "run", model_dir, codec_file, requests=str(jsonl))
+    run_stage(cfg)
+    manifest = {m["id"]: m for m in read_jsonl(tmp_path / "run" / "manifest.jsonl")}
+    assert manifest["captioned"]["caption"] == "A slow, whispery voice."
+    assert [r["text"] for r in manifest["dialogue"]["references"]] == ["A hum."]
+    assert manifest["dialogue"]["reference_text"] == "A chirp."
+
+    synth = Synthesizer.open(cfg.synthesize, cfg.text, model_dir, codec_file)
+    utterances = {u.id: u for u in read_jsonl_requests(jsonl, [voices.resolve()])}
+    text = synth.tokenizer.decode(synth.request(utterances["captioned"]).prompt[0].tolist())
+    assert text.startswith("<|im_start|>system\nA slow, whispery voice.\n\n") and "Hi [pause] there." in text
+    prompt = synth.request(utterances["dialogue"]).prompt
+    text = synth.tokenizer.decode(prompt[0].tolist())
+    assert "<|speaker:0|>A chirp.\n<|speaker:1|>A hum." in text
+    semantic = synth.tokenizer.is_semantic(prompt[0]).sum().item()
+    anna = read_reference((voices / "anna.wav").resolve(), synth.codec).shape[1]
+    ben = read_reference((voices / "ben.wav").resolve(), synth.codec).shape[1]
+    assert semantic == anna + ben  # both voices' codes, in speaker order
+
+    bad = voices / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x", "references": [{"audio": "anna.wav"}]}) + "\n")
+    with pytest.raises(ValueError, match="one per speaker"):
+        read_jsonl_requests(bad, [voices.resolve()])

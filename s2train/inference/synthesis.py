@@ -52,10 +52,11 @@ class SynthesizeConfig:
     codec: str | None = (
         None  # codec.pt, a folder holding it, or a released S2 Pro codec; None: tokenize.codec
     )
-    text: str | None = None  # one utterance
+    text: str | None = None  # one utterance (inline tags such as [pause] or [whisper] are text)
     texts: list[str] = field(default_factory=list)  # several utterances
+    caption: str | None = None  # how text / texts are spoken, e.g. "A female speaker speaks at a slow pace."
     requests: str | None = None  # JSONL, one request a line: text, and optionally id, reference_audio,
-    # reference_text, speaker, seed, max_new_tokens
+    # reference_text, references ([{audio, text}], one per speaker), caption, speaker, seed, max_new_tokens
     reference_audio: str | None = None  # voice cloning for text / texts: a clip (any format, any rate) ...
     reference_text: str | None = None  # ... and its transcript
     speaker: int | None = None  # <|speaker:i|> for texts that carry no speaker tag (default 0)
@@ -98,6 +99,8 @@ class Utterance:
     seed: int | None = None  # None: the engine's own draw
     max_new_tokens: int | None = None  # None: the synthesizer's default
     literal: bool = False  # text from a client: <|...|> written in it is plain text, never a control token
+    caption: str | None = None  # how to speak, in the system turn ("A slow, whispery female voice.")
+    voices: tuple[tuple[Path, str], ...] = ()  # more (clip, transcript) voices: <|speaker:1|>, 2, ...
 
 
 @dataclass
@@ -255,11 +258,16 @@ class Synthesizer:
                     f"<|speaker:0|> to <|speaker:{self.tokenizer.n_speakers - 1}|>"
                 )
         voices = []
-        if u.reference is not None:
-            key = (u.reference, u.reference_text or "")
+        clips = ([(u.reference, u.reference_text or "")] if u.reference is not None else []) + list(u.voices)
+        if len(clips) > self.tokenizer.n_speakers:
+            raise ValueError(
+                f"request {u.id}: {len(clips)} reference voices, but the model has only "
+                f"{self.tokenizer.n_speakers} speaker tokens"
+            )
+        for key in clips:
             if key not in self.references:
                 started = time.perf_counter()
-                self.references[key] = Reference(key[1], read_reference(u.reference, self.codec))
+                self.references[key] = Reference(key[1], read_reference(key[0], self.codec))
                 self.reference_s += time.perf_counter() - started
             voices.append(self.references[key])
         r = speech_request(
@@ -269,6 +277,7 @@ class Synthesizer:
             references=voices,
             system_turn=self.system_turn,
             literal=u.literal,
+            caption=u.caption,
             max_new_tokens=u.max_new_tokens or self.max_new_tokens,
             sampling=self.sampling,
             seed=u.seed,
@@ -369,6 +378,8 @@ def _write(wav_dir: Path, spoken: Spoken, rate: int) -> float:
         "ended_on_im_end": generation.stopped,
         "reference_audio": str(u.reference) if u.reference else None,
         "reference_text": u.reference_text,
+        "references": [{"audio": str(a), "text": t} for a, t in u.voices] or None,
+        "caption": u.caption,
         "prefix_cache_hit": generation.prefix_hit,
         "seed": u.seed,
     }

@@ -5,8 +5,13 @@ one JSON object a line::
 
     {"text": "Hello there.", "id": "greeting", "reference_audio": "voices/anna.flac",
      "reference_text": "The transcript of the clip.", "speaker": 0, "seed": 3, "max_new_tokens": 600}
+    {"text": "Hi [pause] there.", "caption": "A female speaker whispers at a slow pace."}
+    {"text": "<|speaker:0|>Are you coming?<|speaker:1|>In a minute.", "id": "dialogue",
+     "references": [{"audio": "voices/anna.flac", "text": "..."}, {"audio": "voices/ben.wav", "text": "..."}]}
 
-Only ``text`` is required. A reference clip (any format soundfile reads, any rate: it is resampled to the
+Only ``text`` is required. Inline tags (``[pause]``, ``[whisper]``, ``[emphasis]``, ...) are part of the
+text; ``caption`` (``synthesize.caption`` for ``text`` / ``texts``) says how to speak it, in the system
+turn; ``references`` give one voice per speaker of a dialogue, the first for ``<|speaker:0|>``. A reference clip (any format soundfile reads, any rate: it is resampled to the
 codec's rate and encoded) clones that voice; its transcript is required with it. ``speaker`` puts
 ``<|speaker:i|>`` before a text that carries no speaker tag. A JSONL request's ``reference_audio`` is
 resolved against the JSONL file's folder and, links resolved, must lie inside ``synthesize.reference_dirs``
@@ -52,7 +57,17 @@ from s2train.text.tokenizer import SPEAKER_TAG, speaker_token
 if TYPE_CHECKING:
     from s2train.config import S2Config
 
-REQUEST_KEYS = {"text", "id", "reference_audio", "reference_text", "speaker", "seed", "max_new_tokens"}
+REQUEST_KEYS = {
+    "text",
+    "id",
+    "reference_audio",
+    "reference_text",
+    "references",
+    "caption",
+    "speaker",
+    "seed",
+    "max_new_tokens",
+}
 
 
 def read_jsonl_requests(path: Path, allowed: list[Path]) -> list[Utterance]:
@@ -78,6 +93,23 @@ def read_jsonl_requests(path: Path, allowed: list[Path]) -> list[Utterance]:
         reference = None
         if "reference_audio" in row:
             reference = resolve_reference(str(row["reference_audio"]), path.parent, allowed, request_id)
+        voices = []
+        references = row.get("references", [])
+        if not isinstance(references, list) or not all(
+            isinstance(r, dict) and set(r) == {"audio", "text"} and isinstance(r["text"], str)
+            for r in references
+        ):
+            raise ValueError(
+                f'{where}: "references" must be a list of {{"audio": ..., "text": ...}}, one per speaker'
+            )
+        for r in references:
+            voices.append((resolve_reference(str(r["audio"]), path.parent, allowed, request_id), r["text"]))
+        if reference is None and voices:  # the first is <|speaker:0|>'s, like reference_audio
+            reference, first_text = voices.pop(0)
+            row = {**row, "reference_text": first_text}
+        caption = row.get("caption")
+        if caption is not None and (not isinstance(caption, str) or not caption.strip()):
+            raise ValueError(f'{where}: "caption" must be a non-empty string')
         seed, max_new = row.get("seed"), row.get("max_new_tokens")
         out.append(
             Utterance(
@@ -87,6 +119,8 @@ def read_jsonl_requests(path: Path, allowed: list[Path]) -> list[Utterance]:
                 row.get("reference_text"),
                 None if seed is None else int(seed),
                 None if max_new is None else int(max_new),
+                caption=caption,
+                voices=tuple(voices),
             )
         )
     return out
@@ -101,7 +135,10 @@ def read_requests(cfg: S2Config) -> list[Utterance]:
         if not clip.is_file():
             raise ValueError(f"synthesize.reference_audio={s.reference_audio} is not a file")
     texts = ([s.text] if s.text else []) + list(s.texts)
-    out = [Utterance(f"utt-{i:05d}", text, clip, s.reference_text) for i, text in enumerate(texts)]
+    out = [
+        Utterance(f"utt-{i:05d}", text, clip, s.reference_text, caption=s.caption)
+        for i, text in enumerate(texts)
+    ]
     if s.requests:
         jsonl = Path(s.requests).expanduser().resolve()
         if not jsonl.is_file():
