@@ -310,11 +310,7 @@ class Builder:
         mix = np.zeros(shift + len(b), np.float32)
         mix[: len(a)] += a
         mix[shift:] += b
-        for row in rows_b:
-            row["start"], row["end"] = (
-                round(row["start"] + shift / self.sr, 3),
-                round(row["end"] + shift / self.sr, 3),
-            )
+        _shift(rows_b, shift / self.sr)
         self.write(
             "bad_overlap.wav",
             mix + self.noise(len(mix)),
@@ -332,9 +328,7 @@ class Builder:
         a, rows_a = self.speech("rms", 10.0)
         b, rows_b = self.speech("slt", 10.0)
         a, b = a[: int((rows_a[-1]["end"] + 0.3) * self.sr)], b[int(0.3 * self.sr) :]  # a 0.6 s pause
-        for row in rows_b:
-            row["start"] = round(row["start"] - 0.3 + len(a) / self.sr, 3)
-            row["end"] = round(row["end"] - 0.3 + len(a) / self.sr, 3)
+        _shift(rows_b, len(a) / self.sr - 0.3)
         both = np.concatenate([a, b])
         self.write(
             "two_voices.wav",
@@ -345,6 +339,12 @@ class Builder:
             lang="en",
             note="rms then slt after a 0.6 s pause: split at the change of voice, both kept",
         )
+
+
+def _shift(rows: list[dict], seconds: float) -> None:
+    """Move sentence times by ``seconds`` (their audio was placed later in a recording)."""
+    for row in rows:
+        row["start"], row["end"] = round(row["start"] + seconds, 3), round(row["end"] + seconds, 3)
 
 
 def calibrate(out: Path, truth: list[dict], margin: float) -> dict:

@@ -51,9 +51,9 @@ def run_cli(*overrides: str, timeout: float = 900, check: bool = True) -> subpro
     return proc
 
 
-def kill_after_units(overrides: list[str], run_dir: Path, units: int, poll_s: float) -> dict[str, int]:
-    """Start ``python -m s2train <overrides>``, SIGKILL it (and its children) once ``units`` unit markers
-    exist in ``run_dir/units``, and return the finished markers with their modification times."""
+def kill_when(overrides: list[str], ready, poll_s: float = 0.05) -> None:
+    """Start ``python -m s2train <overrides>`` and SIGKILL it (and its children) as soon as ``ready()``
+    holds; it must still be running then."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "s2train", *overrides],
         cwd=ROOT,
@@ -61,13 +61,19 @@ def kill_after_units(overrides: list[str], run_dir: Path, units: int, poll_s: fl
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    markers = Path(run_dir) / "units"
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and len(list(markers.glob("[0-9]*.json"))) < units:
+    while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(poll_s)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def kill_after_units(overrides: list[str], run_dir: Path, units: int, poll_s: float) -> dict[str, int]:
+    """``kill_when`` ``units`` unit markers exist in ``run_dir/units``; returns the finished markers with
+    their modification times."""
+    markers = Path(run_dir) / "units"
+    kill_when(overrides, lambda: len(list(markers.glob("[0-9]*.json"))) >= units, poll_s)
     return {p.name: p.stat().st_mtime_ns for p in markers.glob("[0-9]*.json")}
 
 

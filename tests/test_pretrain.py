@@ -5,11 +5,6 @@ shipped config composes and builds its model and data module."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +18,7 @@ from s2train.models.dual_ar import DualAR, DualARConfig
 from s2train.text.tokenizer import TextConfig, load_tokenizer
 from s2train.training.lm_module import LMTrainConfig, parameter_groups, read_losses, warmup_cosine
 from s2train.training.pretrain_stage import LMDataModule, fit_model_to_data
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, kill_when, run_cli
 
 # Small and fast: 25 Hz tokens of the random tiny codec, 2 sequences of at most 1024 positions a step.
 COMMON = [
@@ -69,23 +64,8 @@ def test_killed_run_resumes_onto_the_uninterrupted_loss_curve(tokenized, tmp_pat
     whole = read_losses(tmp_path / "whole" / "losses.jsonl")
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "s2train", *COMMON, f"lm_data.input={tokenized}", f"run_dir={killed}", *steps],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 600
-    while (
-        time.time() < deadline
-        and proc.poll() is None
-        and not (killed / "checkpoints" / "step-000008.ckpt").exists()
-    ):
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    ckpt = killed / "checkpoints" / "step-000008.ckpt"
+    kill_when([*COMMON, f"lm_data.input={tokenized}", f"run_dir={killed}", *steps], ckpt.exists)
     assert len(read_losses(killed / "losses.jsonl")) < 12
 
     results = _pretrain(tokenized, killed, *steps)

@@ -5,11 +5,6 @@ that synthesis opens."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +13,7 @@ from safetensors.torch import load_file
 
 from s2train.checkpoints import open_dual_ar
 from s2train.training.lm_module import read_losses
-from tests.conftest import ROOT, run_cli
+from tests.conftest import kill_when, run_cli
 from tests.test_examples import write_rich_shards
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "fish_s2"
@@ -95,23 +90,7 @@ def test_killed_sft_resumes_onto_the_uninterrupted_loss_curve(rich_tokens, pretr
     whole = read_losses(tmp_path / "whole" / "losses.jsonl")
     killed = tmp_path / "killed"
     args = [*SFT, f"lm_data.input={rich_tokens}", f"sft.init={pretrained}", f"run_dir={killed}", *steps]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "s2train", *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 600
-    while (
-        time.time() < deadline
-        and proc.poll() is None
-        and not (killed / "checkpoints" / "step-000006.ckpt").exists()
-    ):
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(args, (killed / "checkpoints" / "step-000006.ckpt").exists)
     assert len(read_losses(killed / "losses.jsonl")) < 10
     results = _sft(rich_tokens, pretrained, killed, *steps)
     assert results["resumed_from_step"] in (3, 6)
