@@ -23,7 +23,7 @@ import json
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,11 +47,23 @@ class DemoCorpusConfig:
     max_recording_s: float = 40.0
     long_recording_s: float = 45.0  # one recording longer than max_segment_s, to exercise splitting
     calibrate: bool = True  # measure DNSMOS on the good recordings and write a demo threshold
+    # One file per sentence for the demo's speech model: every English sentence in each of these voices,
+    # at the speaking rates of sentence_stretches in turn (> 1 slower), its transcript in the metadata.
+    sentence_voices: list[str] = field(default_factory=list)
+    sentence_stretches: list[float] = field(default_factory=lambda: [1.0])
+    sentence_pause_every: int = 0  # every n-th sentence file gets a pause of 0.7-1.4 s at its comma; 0: none
+    sentences_per_voice: int = 40  # the first this many English sentences (there are 40)
 
     def __post_init__(self) -> None:
         check(
             20.0 <= self.min_recording_s <= self.max_recording_s <= 60.0,
             "demo_corpus recordings must be 20-60 s long",
+        )
+        unknown = [v for v in self.sentence_voices if v not in VOICES or VOICES[v][2] != "en"]
+        check(not unknown, f"demo_corpus.sentence_voices must be English demo voices, not {unknown}")
+        check(
+            bool(self.sentence_stretches) and all(0.4 <= x <= 2.5 for x in self.sentence_stretches),
+            "demo_corpus.sentence_stretches must be speaking-rate factors in [0.4, 2.5]",
         )
 
 
@@ -198,8 +210,51 @@ class Builder:
             speaker=speaker,
         )
 
+    def sentence_files(self) -> None:
+        """One sentence a file for each of ``sentence_voices``, at the rates of ``sentence_stretches`` in
+        turn, some with a pause at a comma; the transcript goes in the metadata (ASR need not guess it)."""
+        c = self.cfg.demo_corpus
+        for v, voice in enumerate(c.sentence_voices):
+            for i, text in enumerate(sentences("en")[: c.sentences_per_voice]):
+                stretch = c.sentence_stretches[(i + v) % len(c.sentence_stretches)]
+                lead = np.zeros(int(0.3 * self.sr), np.float32)
+                paused = c.sentence_pause_every and (i + v) % c.sentence_pause_every == 0 and "," in text
+                if paused:
+                    first, second = text.split(",", 1)
+                    gap = np.zeros(int(self.rng.uniform(0.7, 1.4) * self.sr), np.float32)
+                    pieces = [
+                        synthesize(voice, first + ",", self.sr, stretch),
+                        gap,
+                        synthesize(voice, second.strip(), self.sr, stretch),
+                    ]
+                    speech = np.concatenate(pieces)
+                else:
+                    speech = synthesize(voice, text, self.sr, stretch)
+                audio = np.concatenate([lead, speech, lead])
+                row = {
+                    "text": text,
+                    "lang": "en",
+                    "speaker": voice,
+                    "start": 0.3,
+                    "end": round(0.3 + len(speech) / self.sr, 3),
+                    "stretch": stretch,
+                    "pause": bool(paused),
+                }
+                name = f"sent_{voice}_{i:02d}.wav"
+                self.write(
+                    name,
+                    audio + self.noise(len(audio)),
+                    self.sr,
+                    kind="sentence",
+                    sentences_=[row],
+                    lang="en",
+                    speaker=voice,
+                )
+                self.metadata[-1]["text"] = text
+
     def build(self) -> None:
         c = self.cfg.demo_corpus
+        self.sentence_files()
         for speaker in VOICES:
             for index in range(c.recordings_per_voice):
                 self.good(speaker, index, self.rng.uniform(c.min_recording_s, c.max_recording_s))
@@ -348,13 +403,14 @@ def _shift(rows: list[dict], seconds: float) -> None:
 
 
 def calibrate(out: Path, truth: list[dict], margin: float) -> dict:
-    """DNSMOS OVRL of the good recordings -> the demo's keep threshold (never above real data's 3.0)."""
+    """DNSMOS OVRL of the good recordings and sentence files -> the demo's keep threshold (never above real
+    data's 3.0)."""
     from s2train.judges.quality import DNSMOS_WINDOW_S, dnsmos_model
 
     model = dnsmos_model(0)
     measured = {}
     for row in truth:
-        if row["kind"] == "good":
+        if row["kind"] in ("good", "sentence"):
             audio, rate = sf.read(out / row["file"], dtype="float32", always_2d=True)
             measured[row["file"]] = round(
                 model(resample(audio.mean(axis=1), rate, JUDGE_RATE), DNSMOS_WINDOW_S)["ovrl"], 3
@@ -364,7 +420,7 @@ def calibrate(out: Path, truth: list[dict], margin: float) -> dict:
         "dnsmos_ovrl_min": threshold,
         "margin": margin,
         "measured_ovrl": measured,
-        "rule": "min OVRL of the good demo recordings minus the margin, at most 3.0",
+        "rule": "min OVRL of the good demo recordings and sentence files minus the margin, at most 3.0",
     }
 
 

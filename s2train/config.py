@@ -22,6 +22,7 @@ from data_pipeline.clean import CleanConfig
 from data_pipeline.demo_corpus import DemoCorpusConfig
 from data_pipeline.sources import DataConfig
 from data_pipeline.tokenize import TokenizeConfig
+from eval.demo_report import DemoReportConfig
 from eval.stage import EvalConfig
 from s2train.cli import PipelineConfig
 from s2train.inference.synthesis import SynthesizeConfig
@@ -61,6 +62,7 @@ class S2Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # the `eval` group: conf/eval/*.yaml
+    demo_report: DemoReportConfig = field(default_factory=DemoReportConfig)
 
 
 def register_configs() -> None:

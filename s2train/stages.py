@@ -19,6 +19,7 @@ STAGES: dict[str, str] = {
     "sft": "s2train.training.sft_stage",
     "synthesize": "s2train.inference.synthesize_stage",
     "eval": "eval.stage",
+    "demo_report": "eval.demo_report",
     "pipeline": "s2train.cli",
 }
 

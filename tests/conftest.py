@@ -21,6 +21,7 @@ from s2train.shards import write_tar
 ROOT = Path(__file__).resolve().parent.parent
 # experiment=demo as the README runs it, but with a few training steps instead of minutes of them
 DEMO_SHORT = [
+    "demo_corpus.sentences_per_voice=3",
     "codec_train.max_steps=16",
     "codec_train.preview_every=8",
     "codec_train.checkpoint_every=8",
@@ -28,8 +29,17 @@ DEMO_SHORT = [
     "train.warmup_steps=2",
     "train.checkpoint_every=6",
     "train.progress=false",
+    "sft.train.max_steps=6",
+    "sft.train.warmup_steps=2",
+    "sft.train.checkpoint_every=3",
+    "sft.train.progress=false",
     "synthesize.max_new_tokens=40",
     "synthesize.progress=false",
+    "demo_report.seen=2",
+    "demo_report.heldout=1",
+    "demo_report.caption_texts=1",
+    "demo_report.caption_seeds=2",
+    "demo_report.max_new_tokens=30",
 ]
 
 

@@ -19,7 +19,7 @@ def test_the_demo_synthesises_wav_files_from_its_own_model_and_codec(demo_root):
     results = json.loads((run / "results.json").read_text())
     sentences = OmegaConf.load(f"{CONF_DIR}/experiment/demo.yaml").synthesize.texts
     assert results["utterances"] == results["synthesized"] == len(sentences) == 3
-    assert results["model"] == str(demo_root / "demo" / "pretrain") and results["codec"] == "codec"
+    assert results["model"] == str(demo_root / "demo" / "sft") and results["codec"] == "codec"
     manifest = read_jsonl(run / "manifest.jsonl")
     assert [m["text"] for m in manifest] == list(sentences)
     for row in manifest:

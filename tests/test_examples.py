@@ -144,3 +144,17 @@ def test_resumed_epochs_draw_the_same_kinds(shards):
         (e.key, e.kind, e.text) for e in examples(stream_of(shards, plain=1.0, cloning=1.0, dialogue=1.0), 3)
     ]
     assert first == again and len({k for _, k, _ in first}) == 3
+
+
+def test_tags_go_into_the_known_transcript_when_its_words_are_the_asrs():
+    from s2train.training.lm_data import TokenUtterance, _build_example
+
+    tags = ({"tag": "[long pause]", "word_index": 2}, {"tag": "[emphasis]", "word_index": 3})
+    codes = np.zeros((K, 3), np.int64)
+    u = TokenUtterance(
+        "k", "spk", "Rain fell, softly today.", codes, tags=tags, asr_text="rain fell softly today"
+    )
+    made = _build_example("tagged", u, {"spk": [u]}, np.random.default_rng(0))
+    assert made.text == "Rain fell, [long pause] softly [emphasis] today."
+    other = TokenUtterance("k", "spk", "Rain fell softly.", codes, tags=tags, asr_text="rain fell swiftly")
+    assert _build_example("tagged", other, {"spk": [other]}, np.random.default_rng(0)) is None

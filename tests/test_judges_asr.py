@@ -127,3 +127,14 @@ def test_whisper_backend_refuses_hub_names_and_missing_files(tmp_path):
     for checkpoint in ("large-v3", str(tmp_path / "absent.pt"), None):
         with pytest.raises(ValueError, match="local openai-whisper checkpoint"):
             build_asr(ASRConfig(backend="whisper", whisper=WhisperConfig(checkpoint=checkpoint)))
+
+
+def test_pocketsphinx_hears_nothing_in_empty_or_silent_audio():
+    import numpy as np
+
+    from s2train.judges.asr import ASRConfig, PocketSphinxASR
+
+    empty, silent = PocketSphinxASR(ASRConfig())(
+        [np.zeros(0, np.float32), np.zeros(800, np.float32)], ["en", "en"]
+    )
+    assert (empty.text, empty.words, silent.text) == ("", [], "")

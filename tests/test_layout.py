@@ -63,7 +63,8 @@ def test_the_import_walk_sees_nested_and_type_checking_imports(tmp_path):
 
 
 PRESETS = [
-    ("model", name, getattr(dual_ar, name), dual_ar.DualARConfig) for name in ("tiny", "small", "s2pro")
+    ("model", name, getattr(dual_ar, name), dual_ar.DualARConfig)
+    for name in ("tiny", "demo", "small", "s2pro")
 ] + [("codec", name, getattr(codec, name), codec.CodecConfig) for name in ("tiny", "s2pro")]
 
 

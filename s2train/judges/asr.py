@@ -130,6 +130,8 @@ class PocketSphinxASR:
     def _one(self, wav: np.ndarray, lang: str) -> Transcript:
         from pocketsphinx import Decoder
 
+        if len(wav) == 0:  # a generation that ended at once: nothing to hear
+            return Transcript(text="", lang=lang)
         decoder = Decoder(loglevel="FATAL")
         pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16).tobytes()
         decoder.start_utt()
@@ -137,7 +139,7 @@ class PocketSphinxASR:
         decoder.end_utt()
         words = [
             Word(re.sub(r"\(\d+\)$", "", s.word), s.start_frame / 100, (s.end_frame + 1) / 100)
-            for s in decoder.seg()
+            for s in decoder.seg() or ()  # None when nothing was heard (empty or silent audio)
             if not s.word.startswith(("<", "[")) and s.word != "<sil>"
         ]
         return Transcript(text=" ".join(w.word for w in words), lang=lang, words=words)

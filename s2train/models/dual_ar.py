@@ -182,6 +182,33 @@ def tiny() -> DualARConfig:
     )
 
 
+def demo() -> DualARConfig:
+    """The CPU demo's speaking model: 4 slow layers of 192 and 2 fast layers of 128 (about 2.2M + 0.5M
+    parameters besides the embeddings) over the byte tokenizer and the demo codec (8 x 256 codes); stage=
+    pretrain fits the vocabulary and codebook shape to the data."""
+    return DualARConfig(
+        vocab_size=576,
+        dim=192,
+        n_layers=4,
+        n_heads=6,
+        n_kv_heads=2,
+        head_dim=32,
+        intermediate_size=512,
+        num_codebooks=8,
+        codebook_size=256,
+        residual_codebook_size=256,
+        semantic_begin_id=272,
+        semantic_end_id=527,
+        fast_n_layers=2,
+        fast_dim=128,
+        fast_n_heads=4,
+        fast_n_kv_heads=2,
+        fast_head_dim=32,
+        fast_intermediate_size=384,
+        max_seq_len=1024,
+    )
+
+
 def small() -> DualARConfig:
     """About 227M slow + 31M fast parameters over the S2 Pro tokenizer and codec: trains on one GPU."""
     return DualARConfig(

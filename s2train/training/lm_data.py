@@ -60,6 +60,7 @@ import glob
 import io
 import json
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -339,6 +340,12 @@ class _Packer:
 # ------------------------------------------------------------------------------------------ examples
 
 
+def _words(text: str) -> list[str]:
+    """The words of ``text`` as the ASR writes them (lower case, no punctuation), one per space-split
+    token; a token without letters or digits counts as an empty word, so it cannot shift the indices."""
+    return [re.sub(r"[^\w']", "", token.lower()) for token in text.split()]
+
+
 def _other(run: list[TokenUtterance], but: TokenUtterance, rng: np.random.Generator) -> TokenUtterance | None:
     others = [x for x in run if x.key != but.key]
     return others[int(rng.integers(len(others)))] if others else None
@@ -362,9 +369,9 @@ def _build_example(
         )
     if kind == "captioned":
         return Example(kind, u.key, u.speaker, u.text, u.codes, caption=u.caption) if u.caption else None
-    if kind == "tagged":  # word_index counts the ASR's words: the tags fit a text that is the ASR's
+    if kind == "tagged":  # word_index counts the ASR's words: the tags fit a text with the same words
         placed = [t for t in u.tags if t.get("word_index") is not None]
-        if not placed or u.asr_text is None or u.text.split() != u.asr_text.split():
+        if not placed or u.asr_text is None or _words(u.text) != _words(u.asr_text):
             return None
         return Example(kind, u.key, u.speaker, tagged_text(u.text.split(), placed), u.codes)
     if kind == "dialogue":  # the next voice: of the same recording where there is one, else of the shard

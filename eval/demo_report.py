@@ -1,0 +1,262 @@
+"""``stage=demo_report``: does the demo's model speak? Figures of the demo's trained model on its own corpus.
+
+Read with ``runs/<name>/demo_corpus`` (its one-sentence files, ``demo_corpus.sentence_voices``) and the
+model and codec the demo trained (``demo_report.model``: default the SFT run, ``synthesize.codec`` or
+``tokenize.codec``). Every utterance clones a voice of the corpus from another of its sentence files,
+through the synthesis call the server and evaluation share, and is scored by the offline judges
+(pocketsphinx, a fresh decoder each; resemblyzer; the captioner's speaking rate):
+
+- **seen**: sentences the model trained on, each in every voice, beside the WER of the same files passed
+  through the codec (encode + decode: the ceiling a model of these codes can reach) and of the files;
+- **held-out**: the Seed-TTS-style sentences of ``sentences/en_eval.txt``, never trained on;
+- **cloning**: the mean similarity of each voice's generated speech to that voice's recordings, against
+  the mean to the other voices';
+- **captions**: the same texts with a caption asking for a slow pace and one asking for a fast pace,
+  over several seeds: the speaking rate (syllables per second of speech) of each.
+
+Outputs: ``results.json``, ``utterances.jsonl`` and ``report.md`` in the run directory, and the audio
+under ``wav/``.
+
+    python -m s2train experiment=demo stage=demo_report
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from data_pipeline.demo_corpus import sentences
+from s2train.audio import resample
+from s2train.checks import check
+from s2train.inference.synthesis import Synthesizer, Utterance
+from s2train.judges import JUDGE_RATE
+from s2train.judges.captioner import count_syllables
+from s2train.judges.suite import JudgeSuite
+from s2train.judges.wer import wer
+from s2train.runs import stage_input, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from s2train.config import S2Config
+
+
+@dataclass
+class DemoReportConfig:
+    model: str | None = None  # None: run_root/name/sft
+    seen: int = 10  # training sentences, each spoken in every voice
+    heldout: int = 6  # sentences of en_eval.txt, each in every voice
+    caption_texts: int = 4  # texts spoken with a slow and a fast caption ...
+    caption_seeds: int = 3  # ... with this many seeds each
+    max_new_tokens: int = 400
+
+    def __post_init__(self) -> None:
+        for name in ("seen", "heldout", "caption_texts", "caption_seeds", "max_new_tokens"):
+            check(getattr(self, name) >= 1, f"demo_report.{name} must be at least 1")
+
+
+def _read(path: Path) -> np.ndarray:
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    return resample(audio.mean(axis=1), rate, JUDGE_RATE)
+
+
+def _speech_seconds(judges: JudgeSuite, wav: np.ndarray) -> float:
+    regions = judges.vad([wav])[0]
+    return float(sum(b - a for a, b in regions))
+
+
+def run(cfg: S2Config) -> dict:
+    r = cfg.demo_report
+    run_dir = Path(cfg.run_dir)
+    corpus = stage_input(cfg, "demo_corpus") / "corpus"
+    truth = [json.loads(line) for line in (corpus / "truth.jsonl").read_text(encoding="utf-8").splitlines()]
+    files = [
+        t
+        for t in truth
+        if t["kind"] == "sentence" and t["sentences"][0]["stretch"] == 1.0 and not t["sentences"][0]["pause"]
+    ]
+    if not files:
+        raise ValueError(
+            f"{corpus} has no one-sentence files at the normal rate: set demo_corpus.sentence_voices "
+            "(experiment=demo does)"
+        )
+    voices = sorted({t["speaker"] for t in files})
+    everything = [t for t in truth if t["kind"] == "sentence"]
+    # references: the voice's plain files first, then its other files (another rate, a pause)
+    by_voice = {v: [t for t in files + everything if t["speaker"] == v] for v in voices}
+    model = stage_input(cfg, "sft", r.model)
+    codec_path = cfg.synthesize.codec or cfg.tokenize.codec
+    synth = Synthesizer.open(cfg.synthesize, cfg.text, model, codec_path)
+    judges = JudgeSuite(cfg.judges, cfg.seed)
+    wav_dir = run_dir / "wav"
+    wav_dir.mkdir(parents=True, exist_ok=True)
+
+    texts_seen = sorted({t["sentences"][0]["text"] for t in files})[: r.seen]
+    texts_heldout = sentences("en_eval")[: r.heldout]
+    utterances, rows = [], {}
+
+    def reference(voice: str, avoid: str) -> tuple[Path, str]:
+        """A clip of ``voice`` that does not say ``avoid`` (the text to speak), if the corpus has one."""
+        ref = next((t for t in by_voice[voice] if t["sentences"][0]["text"] != avoid), by_voice[voice][0])
+        return (corpus / ref["file"]).resolve(), ref["sentences"][0]["text"]
+
+    for group, texts in (("seen", texts_seen), ("heldout", texts_heldout)):
+        for i, text in enumerate(texts):
+            for voice in voices:
+                clip, clip_text = reference(voice, text)
+                uid = f"{group}-{voice}-{i:02d}"
+                utterances.append(
+                    Utterance(uid, text, clip, clip_text, seed=cfg.seed + i, max_new_tokens=r.max_new_tokens)
+                )
+                rows[uid] = {"id": uid, "group": group, "voice": voice, "text": text}
+    captions = _rate_captions(cfg, voices[0])
+    for pace, caption in captions.items():
+        for i, text in enumerate(texts_seen[: r.caption_texts]):
+            clip, clip_text = reference(voices[0], text)
+            for s in range(r.caption_seeds):
+                uid = f"caption-{pace}-{i:02d}-{s}"
+                utterances.append(
+                    Utterance(
+                        uid,
+                        text,
+                        clip,
+                        clip_text,
+                        seed=1000 + 10 * i + s,
+                        max_new_tokens=r.max_new_tokens,
+                        caption=caption,
+                    )
+                )
+                rows[uid] = {
+                    "id": uid,
+                    "group": f"caption_{pace}",
+                    "voice": voices[0],
+                    "text": text,
+                    "caption": caption,
+                }
+
+    for spoken in synth.speak(utterances):
+        uid = spoken.utterance.id
+        sf.write(wav_dir / f"{uid}.wav", spoken.audio, synth.sample_rate)
+        wav = resample(spoken.audio, synth.sample_rate, JUDGE_RATE)
+        row = rows[uid]
+        row["hyp"] = judges.asr([wav], ["en"])[0].text
+        row["seconds"] = round(len(wav) / JUDGE_RATE, 3)
+        row["embedding"] = judges.embedder.embed([wav])[0] if len(wav) > JUDGE_RATE // 2 else None
+        speech = _speech_seconds(judges, wav) if len(wav) else 0.0
+        row["speaking_rate"] = round(count_syllables(row["text"]) / speech, 3) if speech > 0.3 else None
+
+    # the files themselves and their codec reconstructions: the ground truth and the ceiling
+    seen_files = [t for t in files if t["sentences"][0]["text"] in texts_seen]
+    truth_rows, codec = [], synth.codec
+    for t in seen_files:
+        wav = _read(corpus / t["file"])
+        with torch.no_grad():
+            native = torch.from_numpy(resample(wav, JUDGE_RATE, codec.config.sample_rate)).to(
+                next(codec.parameters()).device
+            )
+            codes = codec.encode(native, codec.config.sample_rate)
+            rebuilt = codec.decode(codes[None] if codes.dim() == 2 else codes)[0, 0].float().cpu().numpy()
+        rebuilt = resample(rebuilt, codec.config.sample_rate, JUDGE_RATE)
+        truth_rows.append(
+            {
+                "voice": t["speaker"],
+                "text": t["sentences"][0]["text"],
+                "hyp_file": judges.asr([wav], ["en"])[0].text,
+                "hyp_codec": judges.asr([rebuilt], ["en"])[0].text,
+                "embedding": judges.embedder.embed([wav])[0],
+            }
+        )
+
+    def group_wer(group: str) -> float:
+        chosen = [x for x in rows.values() if x["group"] == group]
+        return round(100 * wer([x["text"] for x in chosen], [x["hyp"] for x in chosen]), 2)
+
+    centroids = {
+        v: _unit(np.mean([x["embedding"] for x in truth_rows if x["voice"] == v], axis=0)) for v in voices
+    }
+    own, others = [], []
+    for x in rows.values():
+        if x["group"] != "seen" or x["embedding"] is None:
+            continue
+        e = _unit(x["embedding"])
+        own.append(float(e @ centroids[x["voice"]]))
+        others.extend(float(e @ centroids[v]) for v in voices if v != x["voice"])
+    rates = {
+        pace: [
+            x["speaking_rate"]
+            for x in rows.values()
+            if x["group"] == f"caption_{pace}" and x["speaking_rate"]
+        ]
+        for pace in captions
+    }
+    results = {
+        "model": str(model),
+        "voices": voices,
+        "seen_sentences": len(texts_seen),
+        "wer_seen": group_wer("seen"),
+        "wer_seen_codec": round(
+            100 * wer([x["text"] for x in truth_rows], [x["hyp_codec"] for x in truth_rows]), 2
+        ),
+        "wer_seen_files": round(
+            100 * wer([x["text"] for x in truth_rows], [x["hyp_file"] for x in truth_rows]), 2
+        ),
+        "wer_heldout": group_wer("heldout"),
+        "sim_own_voice": round(float(np.mean(own)), 4) if own else None,
+        "sim_other_voices": round(float(np.mean(others)), 4) if others else None,
+        "rate_slow_caption": round(float(np.mean(rates["slow"])), 3) if rates["slow"] else None,
+        "rate_fast_caption": round(float(np.mean(rates["fast"])), 3) if rates["fast"] else None,
+        "captions": captions,
+    }
+    results["wer_seen_above_codec"] = round(results["wer_seen"] - results["wer_seen_codec"], 2)
+    with open(run_dir / "utterances.jsonl.tmp", "w", encoding="utf-8") as out:
+        for x in rows.values():
+            out.write(json.dumps({k: v for k, v in x.items() if k != "embedding"}, ensure_ascii=False) + "\n")
+    Path(run_dir / "utterances.jsonl.tmp").replace(run_dir / "utterances.jsonl")
+    write_json_atomic(run_dir / "results.json", results)
+    write_text_atomic(run_dir / "report.md", _report(results))
+    return {k: v for k, v in results.items() if k != "captions"}
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-9)
+
+
+def _rate_captions(cfg: S2Config, voice: str) -> dict[str, str]:
+    """A caption the captioner wrote for ``voice`` in the clean run, its pace word set to slow and to fast
+    (the words the model saw in training); a plain sentence of the same form without a clean run."""
+    manifest = stage_input(cfg, "clean") / "manifest.jsonl"
+    caption = None
+    if manifest.is_file():
+        for line in manifest.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("speaker") == voice and re.search(
+                r"\b(slow|moderate|fast) (pace|delivery)", row.get("caption") or ""
+            ):
+                caption = row["caption"]
+                break
+    caption = caption or "A speaker speaks at a moderate pace. A clean recording."
+    return {pace: re.sub(r"\b(slow|moderate|fast)\b", pace, caption, count=1) for pace in ("slow", "fast")}
+
+
+def _report(r: dict) -> str:
+    lines = [
+        "# Does the demo model speak?",
+        "",
+        f"Model: `{r['model']}`; voices {', '.join(r['voices'])}; pocketsphinx WER in %, resemblyzer similarity.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| WER, {r['seen_sentences']} seen sentences x {len(r['voices'])} voices (cloned) | {r['wer_seen']} |",
+        f"| WER, the same sentences' files through the codec (the ceiling) | {r['wer_seen_codec']} |",
+        f"| WER, the files themselves | {r['wer_seen_files']} |",
+        f"| WER, held-out sentences | {r['wer_heldout']} |",
+        f"| SIM to the cloned voice / to the other voices | {r['sim_own_voice']} / {r['sim_other_voices']} |",
+        f"| speaking rate (syllables/s) with a slow / a fast caption | {r['rate_slow_caption']} / {r['rate_fast_caption']} |",
+        "",
+    ]
+    return "\n".join(lines)
