@@ -219,7 +219,7 @@ def run(cfg: S2Config) -> dict:
     Path(run_dir / "utterances.jsonl.tmp").replace(run_dir / "utterances.jsonl")
     write_json_atomic(run_dir / "results.json", results)
     write_text_atomic(run_dir / "report.md", _report(results))
-    return {k: v for k, v in results.items() if k != "captions"}
+    return results
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

@@ -183,7 +183,7 @@ def test_shards_follow_the_contract_and_load_with_webdataset(demo_clean):
             info = sf.info(io.BytesIO(sample["flac"]))
             assert info.channels == 1 and info.subtype == "PCM_16" and rate == meta["sample_rate"]
             assert abs(len(audio) / rate - meta["duration"]) < 0.01
-            assert 3.0 <= meta["duration"] <= 30.0
+            assert 1.0 <= meta["duration"] <= 30.0  # the demo's judges.vad.min_segment_s, max_segment_s
             assert set(meta["dnsmos"]) == {"ovrl", "sig", "bak", "p808"}
             assert meta["caption"] and isinstance(meta["tags"], list)
             assert np.abs(audio).max() > 0.05

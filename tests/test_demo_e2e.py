@@ -19,13 +19,13 @@ def _results(demo_root, stage: str) -> dict:
 
 def test_demo_codec_reports_heldout_mel_distance_wer_and_codebook_usage(demo_root):
     codec = _results(demo_root, "codec")
-    assert codec["steps"] == 16 and codec["heldout_utterances"] == 4
+    assert codec["steps"] == 16 and codec["heldout_utterances"] == 5
     assert np.isfinite(codec["heldout_mel_distance"]) and codec["heldout_mel_distance"] > 0
     assert codec["wer_asr"] == "pocketsphinx" and codec["wer_utterances"] >= 1  # English held-out ones
     assert codec["wer_delta"] == round(codec["wer_reconstruction"] - codec["wer_original"], 2)
     assert len(codec["codebook_perplexity"]) == len(codec["heldout_codebook_usage"]) == 8
     previews = demo_root / "demo" / "codec" / "previews" / "step-000016"
-    assert (previews / "mel.png").is_file() and len(list(previews.glob("*.wav"))) == 4
+    assert (previews / "mel.png").is_file() and len(list(previews.glob("*.wav"))) == 5
 
 
 def test_demo_tokens_come_from_the_demo_codec(demo_root):
