@@ -3,8 +3,9 @@
 Per recording: decode (any format soundfile reads; mono; soxr) -> silero VAD over the whole file in
 bounded memory -> 3-30 s segments -> quality (clipping, SNR, bandwidth, DNSMOS) -> changes of voice
 (a segment is split into one-voice parts at each change, snapped to a pause nearby; overlapped speech
-is rejected) -> one-speaker check -> ASR and its hallucination filters -> captioner. A check that fails rejects the segment with its
-stage, reason and the values that decided it; the checks after it are not run.
+is rejected) -> one-speaker check -> ASR and its hallucination filters -> captioner. A check that
+fails rejects the segment with its stage, reason and the values that decided it; the checks after it
+are not run.
 
 Work is split into units of ``clean.files_per_shard`` input files. Unit ``u`` belongs to partition
 ``u % data.num_partitions`` (a SLURM array task takes one). A finished unit has written its shard
@@ -243,7 +244,7 @@ def _voice_parts(seg: Segment, turns: list[Turn]) -> list[tuple[Segment, Turn]]:
     return out
 
 
-def _split_voices(item, reader, seg, excerpt, index, q, cfg: S2Config, judges: JudgeSuite, out) -> list[Part]:
+def _split_voices(item, seg, excerpt, index, q, cfg: S2Config, judges: JudgeSuite, out) -> list[Part]:
     """``seg`` as one-voice parts; overlapped speech and parts too short to keep become rejects."""
     src, key = item.source, segment_key(item.source, index)
     turns = judges.speaker.turns(_speech_only(excerpt.judge, seg))
@@ -260,7 +261,7 @@ def _split_voices(item, reader, seg, excerpt, index, q, cfg: S2Config, judges: J
                 src, part.start, part.end, "speaker", "too_short", {**values, "duration": part.duration}
             )
         else:
-            cut = read_excerpt(reader, part.start, part.end, cfg.clean.sample_rate, JUDGE_RATE)
+            cut = excerpt.cut(part.start - seg.start, part.end - seg.start, cfg.clean.sample_rate, JUDGE_RATE)
             parts.append(Part(part, q, cut, f"{key}-{p}", turn.voice))
     return parts
 
@@ -277,7 +278,7 @@ def _judge_segments(
         if reason:
             out.reject(src, seg.start, seg.end, "quality", reason, _round(q))
         else:
-            parts += _split_voices(item, reader, seg, excerpt, index, q, cfg, judges, out)
+            parts += _split_voices(item, seg, excerpt, index, q, cfg, judges, out)
     speaker = judges.speaker([_speech_only(p.excerpt.judge, p.segment) for p in parts]) if parts else []
     passed = []
     for part, scores in zip(parts, speaker):

@@ -35,7 +35,7 @@ import torch
 from data_pipeline.demo_corpus import sentences
 from s2train.audio import resample
 from s2train.checks import check
-from s2train.inference.synthesis import Synthesizer, Utterance
+from s2train.inference.synthesis import Synthesizer, Utterance, read_reference
 from s2train.judges import JUDGE_RATE
 from s2train.judges.captioner import count_syllables
 from s2train.judges.suite import JudgeSuite
@@ -153,14 +153,12 @@ def run(cfg: S2Config) -> dict:
     # the files themselves and their codec reconstructions: the ground truth and the ceiling
     seen_files = [t for t in files if t["sentences"][0]["text"] in texts_seen]
     truth_rows, codec = [], synth.codec
+    device = next(codec.parameters()).device
     for t in seen_files:
         wav = _read(corpus / t["file"])
-        with torch.no_grad():
-            native = torch.from_numpy(resample(wav, JUDGE_RATE, codec.config.sample_rate)).to(
-                next(codec.parameters()).device
-            )
-            codes = codec.encode(native, codec.config.sample_rate)
-            rebuilt = codec.decode(codes[None] if codes.dim() == 2 else codes)[0, 0].float().cpu().numpy()
+        with torch.no_grad():  # the file through the codec, as a reference clip is encoded
+            codes = read_reference(corpus / t["file"], codec)
+            rebuilt = codec.decode(codes.to(device))[0, 0].float().cpu().numpy()
         rebuilt = resample(rebuilt, codec.config.sample_rate, JUDGE_RATE)
         truth_rows.append(
             {
@@ -213,10 +211,13 @@ def run(cfg: S2Config) -> dict:
         "captions": captions,
     }
     results["wer_seen_above_codec"] = round(results["wer_seen"] - results["wer_seen_codec"], 2)
-    with open(run_dir / "utterances.jsonl.tmp", "w", encoding="utf-8") as out:
-        for x in rows.values():
-            out.write(json.dumps({k: v for k, v in x.items() if k != "embedding"}, ensure_ascii=False) + "\n")
-    Path(run_dir / "utterances.jsonl.tmp").replace(run_dir / "utterances.jsonl")
+    write_text_atomic(
+        run_dir / "utterances.jsonl",
+        "".join(
+            json.dumps({k: v for k, v in x.items() if k != "embedding"}, ensure_ascii=False) + "\n"
+            for x in rows.values()
+        ),
+    )
     write_json_atomic(run_dir / "results.json", results)
     write_text_atomic(run_dir / "report.md", _report(results))
     return results

@@ -106,6 +106,20 @@ class Excerpt:
     out: np.ndarray  # (N_out,) at the shard rate
     judge: np.ndarray  # (N_16k,) at the judges' rate
 
+    def cut(self, start_s: float, end_s: float, out_rate: int, judge_rate: int) -> Excerpt:
+        """The stretch from ``start_s`` to ``end_s`` seconds into this excerpt, at each of its rates
+        (nothing is read or resampled again)."""
+
+        def part(x: np.ndarray, rate: int) -> np.ndarray:
+            return x[int(round(start_s * rate)) : int(round(end_s * rate))]
+
+        return Excerpt(
+            part(self.native, self.native_rate),
+            self.native_rate,
+            part(self.out, out_rate),
+            part(self.judge, judge_rate),
+        )
+
 
 def read_excerpt(
     reader: AudioReader, start_s: float, end_s: float, out_rate: int, judge_rate: int

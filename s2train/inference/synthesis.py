@@ -35,7 +35,7 @@ from s2train.models.codec import Codec
 from s2train.models.dual_ar import DualAR
 from s2train.runs import atomic_path, write_json_atomic, write_text_atomic
 from s2train.text.prompt import Reference
-from s2train.text.tokenizer import HFTokenizer, TextConfig, TextTokenizer, load_tokenizer
+from s2train.text.tokenizer import TextConfig, TextTokenizer, model_tokenizer
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # an utterance id names its files
 ANY_SPEAKER_TAG = re.compile(r"<\|speaker:([^|<>]*)\|>")  # well-formed or not: each must name a speaker
@@ -223,9 +223,7 @@ class Synthesizer:
         the_model, release = open_dual_ar(
             model, device=device, dtype=dtype, residual_codebook_size=the_codec.config.codebook_size
         )
-        tokenizer = (
-            HFTokenizer(release) if release is not None and text.kind != "hf" else load_tokenizer(text)
-        )
+        tokenizer = model_tokenizer(release, text)
         synth = cls(
             the_model,
             the_codec,

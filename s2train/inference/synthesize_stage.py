@@ -90,7 +90,7 @@ def read_jsonl_requests(path: Path, allowed: list[Path]) -> list[Utterance]:
             raise ValueError(f'{where}: "speaker" must be a speaker number (0, 1, ...), not {speaker!r}')
         if "speaker" in row and not SPEAKER_TAG.search(text):
             text = speaker_token(int(row["speaker"])) + text
-        reference = None
+        reference, reference_text = None, row.get("reference_text")
         if "reference_audio" in row:
             reference = resolve_reference(str(row["reference_audio"]), path.parent, allowed, request_id)
         voices = []
@@ -105,8 +105,7 @@ def read_jsonl_requests(path: Path, allowed: list[Path]) -> list[Utterance]:
         for r in references:
             voices.append((resolve_reference(str(r["audio"]), path.parent, allowed, request_id), r["text"]))
         if reference is None and voices:  # the first is <|speaker:0|>'s, like reference_audio
-            reference, first_text = voices.pop(0)
-            row = {**row, "reference_text": first_text}
+            reference, reference_text = voices.pop(0)
         caption = row.get("caption")
         if caption is not None and (not isinstance(caption, str) or not caption.strip()):
             raise ValueError(f'{where}: "caption" must be a non-empty string')
@@ -116,7 +115,7 @@ def read_jsonl_requests(path: Path, allowed: list[Path]) -> list[Utterance]:
                 request_id,
                 text,
                 reference,
-                row.get("reference_text"),
+                reference_text,
                 None if seed is None else int(seed),
                 None if max_new is None else int(max_new),
                 caption=caption,

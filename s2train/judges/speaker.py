@@ -13,8 +13,9 @@ The one-speaker check embeds overlapping windows of a segment's speech (its paus
 silent window cannot look like a stranger) and rejects the segment when two windows are less alike
 than ``min_similarity``.
 
-Before it, ``SpeakerJudge.turns`` finds changes of voice: binary segmentation of the windows' embeddings,
-splitting where the mean embeddings before and after a point are less alike than ``change_similarity``.
+Before it, ``SpeakerJudge.turns`` finds changes of voice over windows at ``change_hop_s``: the local minima,
+at least two windows apart, where the mean embeddings of the windows just before a point and just after
+it are less alike than ``change_similarity``.
 At each change it checks for overlapped speech by analysis through synthesis: it mixes windows of the
 voice before with windows of the voice after, embeds the mixtures, and calls the windows around the
 change that are nearer that mixture than either voice alone overlapped. A clean change of turn has at
@@ -199,8 +200,7 @@ def _change_points(emb: np.ndarray, side: int, threshold: float) -> list[tuple[i
     similarity = np.full(n, np.inf)
     for k in range(side, n - side + 1):
         lo, hi = max(0, k - reach), min(n, k + reach)
-        if k < n:
-            similarity[k] = float(_unit(csum[k] - csum[lo]) @ _unit(csum[hi] - csum[k]))
+        similarity[k] = float(_unit(csum[k] - csum[lo]) @ _unit(csum[hi] - csum[k]))
     changes = []
     for k in np.argsort(similarity):
         if similarity[k] >= threshold:

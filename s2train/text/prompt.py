@@ -81,18 +81,14 @@ class _Columns:
         self.columns.append(columns)
         self.trained.append(torch.full((columns.shape[1],), trained))
 
-    def text(self, text: str, trained: bool = False) -> None:
-        ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
-        columns = torch.zeros(1 + self.k, len(ids), dtype=torch.long)
-        columns[0] = ids
-        self._add(columns, trained)
-
-    def spoken_text(self, text: str) -> None:
-        """``text`` read as plain text (special token names in it are spelled out)."""
-        ids = self.tokenizer.encode(text, specials=False)
+    def ids(self, ids: list[int], trained: bool = False) -> None:
         columns = torch.zeros(1 + self.k, len(ids), dtype=torch.long)
         columns[0] = torch.tensor(ids, dtype=torch.long)
-        self._add(columns, False)
+        self._add(columns, trained)
+
+    def text(self, text: str, trained: bool = False, specials: bool = True) -> None:
+        """``text`` as one piece; ``specials=False`` spells special token names in it out as plain text."""
+        self.ids(self.tokenizer.encode(text, specials=specials), trained)
 
     def spoken(self, turns: list[tuple[int, str]]) -> None:
         """``<|speaker:i|>text`` for each ``(i, text)`` as one piece, the texts read as plain text: a
@@ -101,9 +97,7 @@ class _Columns:
         ids = []
         for i, text in turns:
             ids += [self.tokenizer.speaker_id(i), *self.tokenizer.encode(text, specials=False)]
-        columns = torch.zeros(1 + self.k, len(ids), dtype=torch.long)
-        columns[0] = torch.tensor(ids, dtype=torch.long)
-        self._add(columns, False)
+        self.ids(ids)
 
     def frames(self, codes: Tensor, trained: bool = False) -> None:
         codes = torch.as_tensor(codes, dtype=torch.long)  # (K, T)
@@ -142,10 +136,7 @@ def build_prompt(
     def open_system() -> None:
         out.text("<|im_start|>system\n")
         if caption:
-            if literal:
-                out.spoken_text(caption)
-            else:
-                out.text(caption)
+            out.text(caption, specials=not literal)
             out.text(CAPTION_BREAK)
 
     if references:

@@ -237,6 +237,12 @@ class HFTokenizer(TextTokenizer):
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def model_tokenizer(release: str | Path | None, cfg: TextConfig) -> TextTokenizer:
+    """The tokenizer of a model: a released S2 Pro folder's own ``tokenizer.json`` (``release``, as
+    ``open_dual_ar`` returns it) unless ``text.kind=hf`` names another, else ``cfg``'s."""
+    return HFTokenizer(release) if release is not None and cfg.kind != "hf" else load_tokenizer(cfg)
+
+
 def load_tokenizer(cfg: TextConfig) -> TextTokenizer:
     """The tokenizer ``cfg`` names; a Hugging Face one must hold ``cfg.n_semantic`` semantic tokens (the
     codec's semantic codebook size) and at least ``cfg.n_speakers`` speaker tokens."""

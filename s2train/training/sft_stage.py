@@ -30,7 +30,7 @@ import torch
 
 from s2train.checkpoints import open_dual_ar
 from s2train.runs import stage_input
-from s2train.text.tokenizer import HFTokenizer, load_tokenizer
+from s2train.text.tokenizer import model_tokenizer
 from s2train.training.lm_data import ExampleMix
 from s2train.training.lm_module import LMTrainConfig
 from s2train.training.pretrain_stage import codebook_sizes, fit_model_to_data, token_input, train_dual_ar
@@ -63,9 +63,7 @@ def run(cfg: S2Config) -> dict | None:
     model, release = open_dual_ar(
         init, dtype=torch.float32, residual_codebook_size=max(sizes[1:]) if sizes else None, key="sft.init"
     )
-    tokenizer = (
-        HFTokenizer(release) if release is not None and cfg.text.kind != "hf" else load_tokenizer(cfg.text)
-    )
+    tokenizer = model_tokenizer(release, cfg.text)
     _, changed = fit_model_to_data(model.config, tokenizer, sizes)
     changed.pop("vocab_size", None)  # a model's table may be padded further than the rounding (S2 Pro's is)
     if changed:
@@ -78,11 +76,9 @@ def run(cfg: S2Config) -> dict | None:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} ids but sft.init's model only {model.config.vocab_size}"
         )
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    config = dataclasses.replace(model.config)
-    del model
     data = dataclasses.replace(cfg.lm_data, mix=cfg.sft.mix)
-    result = train_dual_ar(cfg, config, tokenizer, cfg.sft.train, data, init_state=state)
+    state = model.state_dict()  # the module builds its own model and loads these into it
+    result = train_dual_ar(cfg, model.config, tokenizer, cfg.sft.train, data, init_state=state)
     if result is not None:
         result["init"] = str(init)
     return result
