@@ -52,6 +52,9 @@ class DemoCorpusConfig:
     sentence_voices: list[str] = field(default_factory=list)
     sentence_stretches: list[float] = field(default_factory=lambda: [1.0])
     sentence_pause_every: int = 0  # every n-th sentence file gets a pause of 0.7-1.4 s at its comma; 0: none
+    # every n-th sentence file (of those without a pause) stresses one word: the rest is spoken 9 dB
+    # quieter, so the captioner's [emphasis] finds it; 0: none
+    sentence_emphasis_every: int = 0
     sentences_per_voice: int = 40  # the first this many English sentences (there are 40)
 
     def __post_init__(self) -> None:
@@ -68,7 +71,9 @@ class DemoCorpusConfig:
 
 
 SENTENCES = Path(__file__).parent / "sentences"
-CORPUS_VERSION = 2  # 2: a recording of two voices in turn; the overlap recording keeps its solo parts
+CORPUS_VERSION = 3  # 2: a recording of two voices in turn; the overlap recording keeps its solo parts;
+# 3: sentence files may stress a word
+EMPHASIS_QUIET_DB = -9.0  # the level of the rest of a sentence with a stressed word
 NOISE_FLOOR = 3e-4  # about -70 dBFS of white noise under everything
 # speaker id -> (engine, engine voice, language)
 VOICES = {
@@ -85,6 +90,12 @@ def sentences(lang: str) -> list[str]:
     return [
         s.strip() for s in (SENTENCES / f"{lang}.txt").read_text(encoding="utf-8").splitlines() if s.strip()
     ]
+
+
+def stressed_word(words: list[str]) -> int:
+    """The word a sentence file stresses: the longest in the middle half (ties: the first)."""
+    middle = range(len(words) // 4, max(len(words) // 4 + 1, 3 * len(words) // 4))
+    return max(middle, key=lambda i: (len(words[i].strip(",.?!")), -i))
 
 
 def check_tools() -> None:
@@ -218,6 +229,7 @@ class Builder:
             for i, text in enumerate(sentences("en")[: c.sentences_per_voice]):
                 stretch = c.sentence_stretches[(i + v) % len(c.sentence_stretches)]
                 lead = np.zeros(int(0.3 * self.sr), np.float32)
+                emphasis = None
                 paused = c.sentence_pause_every and (i + v) % c.sentence_pause_every == 0 and "," in text
                 if paused:
                     first, second = text.split(",", 1)
@@ -228,6 +240,17 @@ class Builder:
                         synthesize(voice, second.strip(), self.sr, stretch),
                     ]
                     speech = np.concatenate(pieces)
+                elif c.sentence_emphasis_every and (i + v) % c.sentence_emphasis_every == 1:
+                    words = text.split()
+                    stressed = stressed_word(words)
+                    quiet = 10 ** (EMPHASIS_QUIET_DB / 20)
+                    pieces = [
+                        quiet * synthesize(voice, " ".join(words[:stressed]), self.sr, stretch),
+                        synthesize(voice, words[stressed], self.sr, stretch),
+                        quiet * synthesize(voice, " ".join(words[stressed + 1 :]), self.sr, stretch),
+                    ]
+                    speech = np.concatenate(pieces)
+                    emphasis = words[stressed]
                 else:
                     speech = synthesize(voice, text, self.sr, stretch)
                 audio = np.concatenate([lead, speech, lead])
@@ -239,6 +262,7 @@ class Builder:
                     "end": round(0.3 + len(speech) / self.sr, 3),
                     "stretch": stretch,
                     "pause": bool(paused),
+                    "emphasis": emphasis,
                 }
                 name = f"sent_{voice}_{i:02d}.wav"
                 self.write(

@@ -7,7 +7,8 @@ through the synthesis call the server and evaluation share, and is scored by the
 (pocketsphinx, a fresh decoder each; resemblyzer; the captioner's speaking rate):
 
 - **seen**: sentences the model trained on, each in every voice, beside the WER of the same files passed
-  through the codec (encode + decode: the ceiling a model of these codes can reach) and of the files;
+  through the codec (encode + decode of the codebooks the model makes: the ceiling a model of these codes
+  can reach; and of all the codec's codebooks) and of the files;
 - **held-out**: the Seed-TTS-style sentences of ``sentences/en_eval.txt``, never trained on;
 - **cloning**: the mean similarity of each voice's generated speech to that voice's recordings, against
   the mean to the other voices';
@@ -154,18 +155,26 @@ def run(cfg: S2Config) -> dict:
     seen_files = [t for t in files if t["sentences"][0]["text"] in texts_seen]
     truth_rows, codec = [], synth.codec
     device = next(codec.parameters()).device
+    spoken = (
+        synth.model.config.num_codebooks
+    )  # the ceiling is the codec decoding the codebooks the model makes
     for t in seen_files:
         wav = _read(corpus / t["file"])
         with torch.no_grad():  # the file through the codec, as a reference clip is encoded
-            codes = read_reference(corpus / t["file"], codec)
-            rebuilt = codec.decode(codes.to(device))[0, 0].float().cpu().numpy()
-        rebuilt = resample(rebuilt, codec.config.sample_rate, JUDGE_RATE)
+            codes = read_reference(corpus / t["file"], codec).to(device)
+            rebuilt = {
+                k: resample(
+                    codec.decode(codes[:k])[0, 0].float().cpu().numpy(), codec.config.sample_rate, JUDGE_RATE
+                )
+                for k in {spoken, codec.config.n_codebooks}
+            }
         truth_rows.append(
             {
                 "voice": t["speaker"],
                 "text": t["sentences"][0]["text"],
                 "hyp_file": judges.asr([wav], ["en"])[0].text,
-                "hyp_codec": judges.asr([rebuilt], ["en"])[0].text,
+                "hyp_codec": judges.asr([rebuilt[spoken]], ["en"])[0].text,
+                "hyp_codec_all": judges.asr([rebuilt[codec.config.n_codebooks]], ["en"])[0].text,
                 "embedding": judges.embedder.embed([wav])[0],
             }
         )
@@ -197,8 +206,13 @@ def run(cfg: S2Config) -> dict:
         "voices": voices,
         "seen_sentences": len(texts_seen),
         "wer_seen": group_wer("seen"),
+        "model_codebooks": spoken,
+        "codec_codebooks": codec.config.n_codebooks,
         "wer_seen_codec": round(
             100 * wer([x["text"] for x in truth_rows], [x["hyp_codec"] for x in truth_rows]), 2
+        ),
+        "wer_seen_codec_all": round(
+            100 * wer([x["text"] for x in truth_rows], [x["hyp_codec_all"] for x in truth_rows]), 2
         ),
         "wer_seen_files": round(
             100 * wer([x["text"] for x in truth_rows], [x["hyp_file"] for x in truth_rows]), 2
@@ -253,7 +267,8 @@ def _report(r: dict) -> str:
         "| measure | value |",
         "|---|---|",
         f"| WER, {r['seen_sentences']} seen sentences x {len(r['voices'])} voices (cloned) | {r['wer_seen']} |",
-        f"| WER, the same sentences' files through the codec (the ceiling) | {r['wer_seen_codec']} |",
+        f"| WER, the same sentences' files through the codec, the model's {r['model_codebooks']} codebooks (the ceiling) | {r['wer_seen_codec']} |",
+        f"| WER, the same through the codec, all its {r['codec_codebooks']} codebooks | {r['wer_seen_codec_all']} |",
         f"| WER, the files themselves | {r['wer_seen_files']} |",
         f"| WER, held-out sentences | {r['wer_heldout']} |",
         f"| SIM to the cloned voice / to the other voices | {r['sim_own_voice']} / {r['sim_other_voices']} |",

@@ -190,6 +190,26 @@ def test_shards_follow_the_contract_and_load_with_webdataset(demo_clean):
     assert sorted(keys) == sorted(manifest) and len(set(keys)) == len(keys)
 
 
+def test_a_stressed_word_in_the_demo_corpus_is_tagged_emphasis(demo_clean, truth):
+    stressed = {
+        name: row["sentences"][0]["emphasis"].strip(",.?!").lower()
+        for name, row in truth.items()
+        if row.get("sentences") and row["sentences"][0].get("emphasis")
+    }
+    assert stressed, "the demo corpus stresses no word: demo_corpus.sentence_emphasis_every"
+    found = {
+        m["source"]
+        for m in read_jsonl(demo_clean / "manifest.jsonl")
+        for t in m["tags"]
+        if m["source"] in stressed
+        and t["tag"] == "[emphasis]"
+        and t["word_index"] is not None
+        and m["asr_text"].split()[t["word_index"]] == stressed[m["source"]]
+    }
+    # the captioner hears the word through the ASR's word times: most, not always all, are found
+    assert len(found) >= max(1, len(stressed) // 2), (stressed, found)
+
+
 def test_long_recording_is_split_at_a_pause(demo_clean, truth):
     manifest = read_jsonl(demo_clean / "manifest.jsonl")
     pieces = sorted((m for m in manifest if m["source"] == "awb_long.wav"), key=lambda m: m["start"])

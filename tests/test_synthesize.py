@@ -249,6 +249,37 @@ def test_the_synthesizer_refuses_a_model_and_codec_that_do_not_belong_together(m
         Synthesizer.open(SynthesizeConfig(), TextConfig(n_semantic=64), model_dir, other)
 
 
+def test_a_model_of_the_codecs_first_codebooks_speaks_through_it(tmp_path, codec_file, voices):
+    """lm_data.codebooks: a model trained on the first K of the codec's codebooks clones from references
+    the codec encodes with all of them, and its K-codebook frames are decoded by the codec."""
+    from s2train.inference.engine import Generation
+
+    torch.manual_seed(0)
+    model = DualAR(dataclasses.replace(tiny(), num_codebooks=2))
+    save_dual_ar(model.config, model.state_dict(), tmp_path / "model")
+    codec = load_codec(codec_file)
+    assert codec.config.n_codebooks == 4
+    synth = Synthesizer.open(
+        SynthesizeConfig(progress=False, max_new_tokens=8),
+        TextConfig(n_semantic=64),
+        tmp_path / "model",
+        codec_file,
+    )
+    clip = (voices / "anna.wav").resolve()
+    request = synth.request(Utterance("a", "Hello.", clip, "A chirp."))
+    reference = read_reference(clip, codec)
+    semantic = request.prompt[0] >= model.config.semantic_begin_id
+    assert request.prompt.shape[0] == 3 and torch.equal(request.prompt[1:, semantic], reference[:2])
+    frames = torch.randint(0, 32, (2, 7))
+    generation = Generation(torch.cat([frames[:1] + model.config.semantic_begin_id, frames]), stopped=False)
+    with torch.no_grad():
+        expected = codec.decode(frames)[0, 0].numpy()
+    assert len(expected) == 7 * codec.config.samples_per_frame
+    np.testing.assert_allclose(synth.decode(generation), expected, atol=1e-6)
+    [spoken] = synth.speak([Utterance("a", "Hello.", clip, "A chirp.", seed=1, max_new_tokens=4)])
+    assert spoken.generation.codes.shape[0] == 2
+
+
 @pytest.mark.parametrize(
     ("row", "message"),
     [

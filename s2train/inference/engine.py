@@ -555,7 +555,7 @@ def stream_audio(
     has its own causal decoder (``Codec.stream_decoder``), so its chunks joined equal the one-shot decode."""
     if first_chunk_frames < 1 or chunk_frames < 1:
         raise ValueError("first_chunk_frames and chunk_frames must be at least 1")
-    if codec.config.n_codebooks != engine.config.num_codebooks:
+    if codec.config.n_codebooks < engine.config.num_codebooks:
         raise ValueError(
             f"the codec has {codec.config.n_codebooks} codebooks but the model generates "
             f"{engine.config.num_codebooks}"
@@ -571,7 +571,7 @@ def stream_audio(
         wanted = first_chunk_frames if emitted[i] == 0 else chunk_frames
         if len(pending[i]) < wanted and step.done is None:
             continue
-        codes = torch.stack(pending[i], dim=1) if pending[i] else torch.zeros(codec.config.n_codebooks, 0)
+        codes = torch.stack(pending[i], dim=1) if pending[i] else torch.zeros(engine.config.num_codebooks, 0)
         audio = decoders[i].push(codes.long().to(device))[0, 0].float().cpu()
         emitted[i] += len(pending[i])
         pending[i] = []

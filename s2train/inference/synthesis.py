@@ -164,7 +164,7 @@ def check_match(model: DualAR, tokenizer: TextTokenizer, codec: Codec) -> None:
             "was trained with"
         )
     c = codec.config
-    if (c.n_codebooks, c.semantic_codebook_size) != (m.num_codebooks, m.codebook_size):
+    if c.n_codebooks < m.num_codebooks or c.semantic_codebook_size != m.codebook_size:
         raise ValueError(
             f"the codec makes {c.n_codebooks} codebooks ({c.semantic_codebook_size} semantic codes) but the "
             f"model expects {m.num_codebooks} ({m.codebook_size}): use the codec the model was trained on"

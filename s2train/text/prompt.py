@@ -100,9 +100,11 @@ class _Columns:
         self.ids(ids)
 
     def frames(self, codes: Tensor, trained: bool = False) -> None:
-        codes = torch.as_tensor(codes, dtype=torch.long)  # (K, T)
-        if codes.dim() != 2 or codes.shape[0] != self.k:
-            raise ValueError(f"codes must be shaped (K={self.k}, T), not {tuple(codes.shape)}")
+        """Codes (K', T) of K' >= K codebooks: a model may speak the first K of its codec's (RVQ) codebooks."""
+        codes = torch.as_tensor(codes, dtype=torch.long)  # (K', T)
+        if codes.dim() != 2 or codes.shape[0] < self.k:
+            raise ValueError(f"codes must be shaped (K >= {self.k}, T), not {tuple(codes.shape)}")
+        codes = codes[: self.k]
         if codes.numel() and (codes.min() < 0 or codes[0].max() >= self.tokenizer.n_semantic):
             raise ValueError(
                 f"codes out of range: c0 must lie in 0..{self.tokenizer.n_semantic - 1} (the tokenizer's "

@@ -116,6 +116,9 @@ class LMDataConfig:
     loop: bool = True  # endless: every reader runs epoch after epoch (training); false: one pass
     hf_rows_per_unit: int = 1024  # a save_to_disk dataset is split into units of this many rows
     mix: ExampleMix = field(default_factory=ExampleMix)  # pretraining: plain, optionally cloning
+    # Train on the first this many codebooks of the token data (0: all). The codec decodes from its first
+    # K codebooks (residual quantizer), so a small model can leave the finest ones out.
+    codebooks: int = 0
 
     def __post_init__(self) -> None:
         check(self.max_len >= 8, "lm_data.max_len must be at least 8")
@@ -123,6 +126,10 @@ class LMDataConfig:
             self.overlong in ("drop", "cut"), f"lm_data.overlong must be drop or cut, not {self.overlong!r}"
         )
         check(self.hf_rows_per_unit >= 1, "lm_data.hf_rows_per_unit must be at least 1")
+        check(
+            self.codebooks == 0 or self.codebooks >= 2,
+            f"lm_data.codebooks must be 0 (all) or at least 2, not {self.codebooks}",
+        )
 
 
 log = logging.getLogger(__name__)

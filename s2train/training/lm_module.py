@@ -48,6 +48,11 @@ class LMTrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     loss_weights: dict[str, float] = field(default_factory=lambda: {"loss/slow": 1.0, "loss/fast": 1.0})
     include_c0: bool = True  # also train fast output 0 on c0, as S2 does
+    # The share of residual input codes (codebooks 1.. of the slow model's input frames, never the labels)
+    # replaced by random codes. At inference the slow model reads the fast model's samples, not the
+    # codec's codes; without noise a small model trained on little data learns to read the exact
+    # residuals and loses its way once the fast model's first sample differs.
+    code_noise: float = 0.0
     activation_checkpointing: bool = False  # recompute every transformer block in the backward pass
     accelerator: str = "auto"  # cpu | gpu | auto
     devices: int = 1  # per node
@@ -68,6 +73,7 @@ class LMTrainConfig:
             "train.num_workers and train.threads cannot be negative",
         )
         check(self.lr > 0, "train.lr must be positive")
+        check(0 <= self.code_noise < 1, f"train.code_noise must be in [0, 1), not {self.code_noise}")
         check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be between 0 and 1")
         check(0 <= self.warmup_steps < self.max_steps, "train.warmup_steps must be below train.max_steps")
         check(
@@ -107,6 +113,18 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def noisy_residuals(inputs: Tensor, cfg: DualARConfig, rate: float, generator: torch.Generator) -> Tensor:
+    """inputs (B, R, T) with each residual code (rows 2.. at semantic positions) replaced, with
+    probability ``rate``, by a code drawn uniformly from the residual codebook. A new tensor."""
+    residual = inputs[:, 2:]  # (B, K - 1, T)
+    semantic = cfg.is_semantic(inputs[:, 0])[:, None]  # (B, 1, T)
+    hit = (torch.rand(residual.shape, generator=generator) < rate).to(inputs.device) & semantic
+    codes = torch.randint(0, cfg.residual_codebook_size, residual.shape, generator=generator)
+    noisy = inputs.clone()
+    noisy[:, 2:] = torch.where(hit, codes.to(inputs.device), residual)
+    return noisy
+
+
 class DualARModule(L.LightningModule):
     def __init__(
         self,
@@ -140,7 +158,12 @@ class DualARModule(L.LightningModule):
         """``dual_ar_loss`` of a packed batch (``s2train.training.lm_data``'s contract)."""
         cfg = self.model_config
         labels = batch["labels"]  # (B, R, T)
-        out = self.model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        inputs = batch["inputs"]
+        if self.training and self.train_cfg.code_noise > 0:
+            # Seeded by step and rank, so a resumed run draws the same noise as an unbroken one.
+            generator = torch.Generator().manual_seed(self.global_step * 65_537 + self.global_rank)
+            inputs = noisy_residuals(inputs, cfg, self.train_cfg.code_noise, generator)
+        out = self.model(inputs, batch["positions"], batch["segment_ids"])
         rows = select_fast_rows(labels, cfg.semantic_begin_id, cfg.semantic_end_id)
         fast_logits = self.model.fast_forward(out.hidden[rows.mask_BT], rows.codes_NK)  # (N, K, C)
         return dual_ar_loss(

@@ -55,13 +55,18 @@ def token_input(cfg: S2Config) -> str:
     return str(stage_input(cfg, "tokenize", cfg.lm_data.input))
 
 
-def codebook_sizes(spec: str) -> list[int] | None:
-    """Entries per codebook, from the ``stats.json`` a tokenize run writes (None for other inputs)."""
+def codebook_sizes(spec: str, codebooks: int = 0) -> list[int] | None:
+    """Entries per codebook of the first ``codebooks`` (0: all) codebooks, from the ``stats.json`` a
+    tokenize run writes (None for other inputs)."""
     stats = Path(spec) / "stats.json"
     if not stats.is_file():
         return None
-    sizes = json.loads(stats.read_text()).get("codebook_sizes")
-    return [int(s) for s in sizes] if sizes else None
+    sizes = [int(s) for s in json.loads(stats.read_text()).get("codebook_sizes") or []]
+    if codebooks > len(sizes):
+        raise ValueError(
+            f"lm_data.codebooks={codebooks} but the token data in {spec} has {len(sizes)} codebooks"
+        )
+    return (sizes[:codebooks] if codebooks else sizes) or None
 
 
 def fit_model_to_data(
@@ -199,7 +204,9 @@ def train_dual_ar(
 
 def run(cfg: S2Config) -> dict | None:
     tokenizer = load_tokenizer(cfg.text)
-    model_cfg, changed = fit_model_to_data(cfg.model, tokenizer, codebook_sizes(token_input(cfg)))
+    model_cfg, changed = fit_model_to_data(
+        cfg.model, tokenizer, codebook_sizes(token_input(cfg), cfg.lm_data.codebooks)
+    )
     for name, (preset, new) in changed.items():
         print(f"model.{name}: {preset} -> {new} (from the tokenizer and the token shards)")
     result = train_dual_ar(cfg, model_cfg, tokenizer, cfg.train, cfg.lm_data)

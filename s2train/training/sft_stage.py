@@ -59,7 +59,7 @@ class SFTConfig:
 
 def run(cfg: S2Config) -> dict | None:
     init = stage_input(cfg, "pretrain", cfg.sft.init)
-    sizes = codebook_sizes(token_input(cfg))
+    sizes = codebook_sizes(token_input(cfg), cfg.lm_data.codebooks)
     model, release = open_dual_ar(
         init, dtype=torch.float32, residual_codebook_size=max(sizes[1:]) if sizes else None, key="sft.init"
     )
