@@ -12,7 +12,8 @@ through the synthesis call the server and evaluation share, and is scored by the
 - **held-out**: the Seed-TTS-style sentences of ``sentences/en_eval.txt``, never trained on;
 - **cloning**: the mean similarity of each voice's generated speech to that voice's recordings, against
   the mean to the other voices';
-- **captions**: the same texts with a caption asking for a slow pace and one asking for a fast pace,
+- **captions**: the same texts with a caption asking for a slow pace and one asking for a fast pace
+  (no reference clip: the caption is the whole description, as in the captioned training examples),
   over several seeds: the speaking rate (syllables per second of speech) of each.
 
 Outputs: ``results.json``, ``utterances.jsonl`` and ``report.md`` in the run directory, and the audio
@@ -118,15 +119,12 @@ def run(cfg: S2Config) -> dict:
     captions = _rate_captions(cfg, voices[0])
     for pace, caption in captions.items():
         for i, text in enumerate(texts_seen[: r.caption_texts]):
-            clip, clip_text = reference(voices[0], text)
             for s in range(r.caption_seeds):
                 uid = f"caption-{pace}-{i:02d}-{s}"
                 utterances.append(
-                    Utterance(
+                    Utterance(  # no reference clip: the caption alone says how to speak, as in training
                         uid,
                         text,
-                        clip,
-                        clip_text,
                         seed=1000 + 10 * i + s,
                         max_new_tokens=r.max_new_tokens,
                         caption=caption,

@@ -143,28 +143,40 @@ def test_schedule_and_weight_decay_groups():
         LMTrainConfig(max_steps=10, warmup_steps=10)
 
 
-def test_code_noise_replaces_only_residual_input_codes_at_the_given_rate():
+def test_input_noise_replaces_frame_codes_at_the_given_rates_and_never_text():
     from s2train.models.dual_ar import tiny
-    from s2train.training.lm_module import noisy_residuals
+    from s2train.training.lm_module import noisy_inputs
 
     cfg = tiny()
     B, K, T = 4, cfg.num_codebooks, 600
-    generator = torch.Generator().manual_seed(0)
     inputs = torch.zeros(B, 1 + K, T, dtype=torch.long)
     semantic = torch.arange(T) % 3 != 0  # a third of the positions are text
-    inputs[:, 0] = torch.where(semantic, cfg.semantic_begin_id + 5, 7)
-    inputs[:, 1:] = torch.where(semantic, torch.randint(0, cfg.residual_codebook_size, (B, K, T)), 0)
-    noisy = noisy_residuals(inputs, cfg, 0.4, generator)
-    assert torch.equal(noisy[:, :2], inputs[:, :2])  # the token and c0 rows are never touched
-    assert torch.equal(noisy[:, 2:, ~semantic], inputs[:, 2:, ~semantic])  # nor text positions
+    codes = torch.randint(0, cfg.residual_codebook_size, (B, K, T))
+    inputs[:, 0] = torch.where(semantic, cfg.semantic_begin_id + codes[:, 0], 7)
+    inputs[:, 1:] = torch.where(semantic, codes, 0)
+    noisy = noisy_inputs(inputs, cfg, 0.4, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy[:, :2], inputs[:, :2])  # no semantic noise: the token and c0 rows stay
+    assert torch.equal(noisy[..., ~semantic], inputs[..., ~semantic])  # text positions never change
     changed = (noisy[:, 2:, semantic] != inputs[:, 2:, semantic]).float().mean().item()
     # a replaced code equals the old one by chance 1 / codebook_size of the time
     assert changed == pytest.approx(0.4 * (1 - 1 / cfg.residual_codebook_size), abs=0.02)
     assert int(noisy[:, 2:].max()) < cfg.residual_codebook_size
-    same = noisy_residuals(inputs, cfg, 0.4, torch.Generator().manual_seed(0))
-    assert torch.equal(same, noisy)  # seeded: a resumed run draws the same noise
+
+    both = noisy_inputs(inputs, cfg, 0.0, 0.25, torch.Generator().manual_seed(1))
+    assert torch.equal(both[:, 2:], inputs[:, 2:])
+    assert torch.equal(both[..., ~semantic], inputs[..., ~semantic])
+    hit = both[:, 0, semantic] != inputs[:, 0, semantic]
+    assert hit.float().mean().item() == pytest.approx(0.25 * (1 - 1 / cfg.codebook_size), abs=0.02)
+    # a replaced token is a semantic token and its c0 row says the same code
+    assert torch.equal(both[:, 0, semantic] - cfg.semantic_begin_id, both[:, 1, semantic])
+    assert bool(cfg.is_semantic(both[:, 0, semantic]).all())
+
+    again = noisy_inputs(inputs, cfg, 0.4, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(again, noisy_inputs(inputs, cfg, 0.4, 0.25, torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="code_noise"):
         LMTrainConfig(code_noise=1.0)
+    with pytest.raises(ValueError, match="semantic_noise"):
+        LMTrainConfig(semantic_noise=-0.1)
 
 
 def _compose(*overrides: str) -> S2Config:

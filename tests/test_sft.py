@@ -85,8 +85,13 @@ def test_sft_starts_from_the_pretrained_model_and_writes_what_pretraining_writes
 
 
 def test_killed_sft_resumes_onto_the_uninterrupted_loss_curve(rich_tokens, pretrained, tmp_path):
-    # with residual-code noise on: a resumed run draws the noise an unbroken one draws
-    steps = ["sft.train.max_steps=10", "sft.train.checkpoint_every=3", "sft.train.code_noise=0.3"]
+    # with input noise on: a resumed run draws the noise an unbroken one draws
+    steps = [
+        "sft.train.max_steps=10",
+        "sft.train.checkpoint_every=3",
+        "sft.train.code_noise=0.3",
+        "sft.train.semantic_noise=0.2",
+    ]
     _sft(rich_tokens, pretrained, tmp_path / "whole", *steps)
     whole = read_losses(tmp_path / "whole" / "losses.jsonl")
     killed = tmp_path / "killed"

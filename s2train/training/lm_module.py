@@ -53,6 +53,9 @@ class LMTrainConfig:
     # codec's codes; without noise a small model trained on little data learns to read the exact
     # residuals and loses its way once the fast model's first sample differs.
     code_noise: float = 0.0
+    # The share of the input frames whose semantic token (and c0) is replaced by a random one, labels
+    # untouched: the slow model learns to find its way back after drawing a token the data did not have.
+    semantic_noise: float = 0.0
     activation_checkpointing: bool = False  # recompute every transformer block in the backward pass
     accelerator: str = "auto"  # cpu | gpu | auto
     devices: int = 1  # per node
@@ -73,7 +76,9 @@ class LMTrainConfig:
             "train.num_workers and train.threads cannot be negative",
         )
         check(self.lr > 0, "train.lr must be positive")
-        check(0 <= self.code_noise < 1, f"train.code_noise must be in [0, 1), not {self.code_noise}")
+        for name in ("code_noise", "semantic_noise"):
+            value = getattr(self, name)
+            check(0 <= value < 1, f"train.{name} must be in [0, 1), not {value}")
         check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be between 0 and 1")
         check(0 <= self.warmup_steps < self.max_steps, "train.warmup_steps must be below train.max_steps")
         check(
@@ -113,15 +118,25 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def noisy_residuals(inputs: Tensor, cfg: DualARConfig, rate: float, generator: torch.Generator) -> Tensor:
-    """inputs (B, R, T) with each residual code (rows 2.. at semantic positions) replaced, with
-    probability ``rate``, by a code drawn uniformly from the residual codebook. A new tensor."""
-    residual = inputs[:, 2:]  # (B, K - 1, T)
-    semantic = cfg.is_semantic(inputs[:, 0])[:, None]  # (B, 1, T)
-    hit = (torch.rand(residual.shape, generator=generator) < rate).to(inputs.device) & semantic
-    codes = torch.randint(0, cfg.residual_codebook_size, residual.shape, generator=generator)
+def noisy_inputs(
+    inputs: Tensor, cfg: DualARConfig, code_rate: float, semantic_rate: float, generator: torch.Generator
+) -> Tensor:
+    """inputs (B, R, T) with, at semantic positions, each residual code (rows 2..) replaced with
+    probability ``code_rate`` by a code drawn uniformly from the residual codebook, and each frame's
+    semantic token (row 0, with its c0 in row 1) with probability ``semantic_rate`` by a random semantic
+    token. A new tensor; the noise is drawn on the CPU from ``generator`` whatever the device."""
+    B, R, T = inputs.shape
+    semantic = cfg.is_semantic(inputs[:, 0])  # (B, T)
+    code_hit = (torch.rand(B, R - 2, T, generator=generator) < code_rate).to(inputs.device) & semantic[
+        :, None
+    ]
+    codes = torch.randint(0, cfg.residual_codebook_size, (B, R - 2, T), generator=generator).to(inputs.device)
+    token_hit = (torch.rand(B, T, generator=generator) < semantic_rate).to(inputs.device) & semantic
+    c0 = torch.randint(0, cfg.codebook_size, (B, T), generator=generator).to(inputs.device)
     noisy = inputs.clone()
-    noisy[:, 2:] = torch.where(hit, codes.to(inputs.device), residual)
+    noisy[:, 2:] = torch.where(code_hit, codes, inputs[:, 2:])
+    noisy[:, 1] = torch.where(token_hit, c0, inputs[:, 1])
+    noisy[:, 0] = torch.where(token_hit, c0 + cfg.semantic_begin_id, inputs[:, 0])
     return noisy
 
 
@@ -159,10 +174,11 @@ class DualARModule(L.LightningModule):
         cfg = self.model_config
         labels = batch["labels"]  # (B, R, T)
         inputs = batch["inputs"]
-        if self.training and self.train_cfg.code_noise > 0:
+        t = self.train_cfg
+        if self.training and (t.code_noise > 0 or t.semantic_noise > 0):
             # Seeded by step and rank, so a resumed run draws the same noise as an unbroken one.
             generator = torch.Generator().manual_seed(self.global_step * 65_537 + self.global_rank)
-            inputs = noisy_residuals(inputs, cfg, self.train_cfg.code_noise, generator)
+            inputs = noisy_inputs(inputs, cfg, t.code_noise, t.semantic_noise, generator)
         out = self.model(inputs, batch["positions"], batch["segment_ids"])
         rows = select_fast_rows(labels, cfg.semantic_begin_id, cfg.semantic_end_id)
         fast_logits = self.model.fast_forward(out.hidden[rows.mask_BT], rows.codes_NK)  # (N, K, C)
