@@ -9,6 +9,8 @@ through the synthesis call the server and evaluation share, and is scored by the
 - **seen**: sentences the model trained on, each in every voice, beside the WER of the same files passed
   through the codec (encode + decode of the codebooks the model makes: the ceiling a model of these codes
   can reach; and of all the codec's codebooks) and of the files;
+- **seen, plain**: the same sentences without a reference clip (the model speaks in a voice of its own
+  choosing, as in the plain training examples), ``demo_report.plain_seeds`` seeds each;
 - **held-out**: the Seed-TTS-style sentences of ``sentences/en_eval.txt``, never trained on;
 - **cloning**: the mean similarity of each voice's generated speech to that voice's recordings, against
   the mean to the other voices';
@@ -55,10 +57,11 @@ class DemoReportConfig:
     heldout: int = 6  # sentences of en_eval.txt, each in every voice
     caption_texts: int = 4  # texts spoken with a slow and a fast caption ...
     caption_seeds: int = 3  # ... with this many seeds each
+    plain_seeds: int = 2  # the seen sentences also spoken without a reference, with this many seeds
     max_new_tokens: int = 400
 
     def __post_init__(self) -> None:
-        for name in ("seen", "heldout", "caption_texts", "caption_seeds", "max_new_tokens"):
+        for name in ("seen", "heldout", "caption_texts", "caption_seeds", "plain_seeds", "max_new_tokens"):
             check(getattr(self, name) >= 1, f"demo_report.{name} must be at least 1")
 
 
@@ -116,6 +119,11 @@ def run(cfg: S2Config) -> dict:
                     Utterance(uid, text, clip, clip_text, seed=cfg.seed + i, max_new_tokens=r.max_new_tokens)
                 )
                 rows[uid] = {"id": uid, "group": group, "voice": voice, "text": text}
+    for i, text in enumerate(texts_seen):  # no reference: the model speaks in a voice of its choosing
+        for s in range(r.plain_seeds):
+            uid = f"plain-{i:02d}-{s}"
+            utterances.append(Utterance(uid, text, seed=2000 + 10 * i + s, max_new_tokens=r.max_new_tokens))
+            rows[uid] = {"id": uid, "group": "seen_plain", "voice": None, "text": text}
     captions = _rate_captions(cfg, voices[0])
     for pace, caption in captions.items():
         for i, text in enumerate(texts_seen[: r.caption_texts]):
@@ -215,6 +223,7 @@ def run(cfg: S2Config) -> dict:
         "wer_seen_files": round(
             100 * wer([x["text"] for x in truth_rows], [x["hyp_file"] for x in truth_rows]), 2
         ),
+        "wer_seen_plain": group_wer("seen_plain"),
         "wer_heldout": group_wer("heldout"),
         "sim_own_voice": round(float(np.mean(own)), 4) if own else None,
         "sim_other_voices": round(float(np.mean(others)), 4) if others else None,
@@ -223,6 +232,7 @@ def run(cfg: S2Config) -> dict:
         "captions": captions,
     }
     results["wer_seen_above_codec"] = round(results["wer_seen"] - results["wer_seen_codec"], 2)
+    results["wer_seen_plain_above_codec"] = round(results["wer_seen_plain"] - results["wer_seen_codec"], 2)
     write_text_atomic(
         run_dir / "utterances.jsonl",
         "".join(
@@ -265,6 +275,7 @@ def _report(r: dict) -> str:
         "| measure | value |",
         "|---|---|",
         f"| WER, {r['seen_sentences']} seen sentences x {len(r['voices'])} voices (cloned) | {r['wer_seen']} |",
+        f"| WER, the same sentences without a reference (the model picks a voice) | {r['wer_seen_plain']} |",
         f"| WER, the same sentences' files through the codec, the model's {r['model_codebooks']} codebooks (the ceiling) | {r['wer_seen_codec']} |",
         f"| WER, the same through the codec, all its {r['codec_codebooks']} codebooks | {r['wer_seen_codec_all']} |",
         f"| WER, the files themselves | {r['wer_seen_files']} |",

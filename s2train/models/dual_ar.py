@@ -206,6 +206,8 @@ def demo() -> DualARConfig:
         fast_head_dim=32,
         fast_intermediate_size=384,
         max_seq_len=1024,
+        fast_shared_embeddings=False,  # per-codebook tables and heads: learnt faster by a small fast model
+        fast_shared_head=False,
     )
 
 
