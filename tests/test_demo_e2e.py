@@ -19,13 +19,13 @@ def _results(demo_root, stage: str) -> dict:
 
 def test_demo_codec_reports_heldout_mel_distance_wer_and_codebook_usage(demo_root):
     codec = _results(demo_root, "codec")
-    assert codec["steps"] == 16 and codec["heldout_utterances"] == 5
+    assert codec["steps"] == 16 and codec["heldout_utterances"] == 12  # experiment=demo's heldout_items
     assert np.isfinite(codec["heldout_mel_distance"]) and codec["heldout_mel_distance"] > 0
     assert codec["wer_asr"] == "pocketsphinx" and codec["wer_utterances"] >= 1  # English held-out ones
     assert codec["wer_delta"] == round(codec["wer_reconstruction"] - codec["wer_original"], 2)
     assert len(codec["codebook_perplexity"]) == len(codec["heldout_codebook_usage"]) == 8
     previews = demo_root / "demo" / "codec" / "previews" / "step-000016"
-    assert (previews / "mel.png").is_file() and len(list(previews.glob("*.wav"))) == 5
+    assert (previews / "mel.png").is_file() and len(list(previews.glob("*.wav"))) == 12
 
 
 def test_demo_tokens_come_from_the_demo_codec(demo_root):
@@ -47,7 +47,8 @@ def test_demo_pretraining_trains_on_the_demo_tokens(demo_root):
     pretrain = _results(demo_root, "pretrain")
     assert pretrain["steps"] == 12
     assert pretrain["final_loss"] < pretrain["first_loss"]
-    assert "num_codebooks" not in pretrain["model_changes"]  # model=demo is shaped for the demo codec
+    # model=demo is shaped for the demo codec and tokenizer; the demo trains on 2 of the codec's 8 codebooks
+    assert pretrain["model_changes"] == {"num_codebooks": [8, 2]}
     assert (demo_root / "demo" / "pretrain" / "loss_curve.png").is_file()
     pipeline = _results(demo_root, "pipeline")
     assert pipeline["stages"] == (
@@ -74,11 +75,20 @@ def test_demo_sentence_files_are_kept_with_their_transcripts(demo_root, truth):
 def test_demo_report_measures_the_demo_model(demo_root):
     report = _results(demo_root, "demo_report")
     assert report["model"] == str(demo_root / "demo" / "sft") and len(report["voices"]) == 4
-    for key in ("wer_seen", "wer_seen_codec", "wer_seen_files", "wer_heldout"):
+    for key in (
+        "wer_seen",
+        "wer_seen_plain",
+        "wer_seen_codec",
+        "wer_seen_codec_all",
+        "wer_seen_files",
+        "wer_heldout",
+    ):
         assert report[key] >= 0
+    assert report["model_codebooks"] == 2 and report["codec_codebooks"] == 8
     assert report["wer_seen_files"] < 50  # the flite files themselves are intelligible
     assert -1 <= report["sim_other_voices"] <= 1 and -1 <= report["sim_own_voice"] <= 1
     assert "slow" in report["captions"]["slow"] and "fast" in report["captions"]["fast"]
     rows = read_jsonl(demo_root / "demo" / "demo_report" / "utterances.jsonl")
-    assert {r["group"] for r in rows} == {"seen", "heldout", "caption_slow", "caption_fast"}
+    assert {r["group"] for r in rows} == {"seen", "seen_plain", "heldout", "caption_slow", "caption_fast"}
+    assert all(r["voice"] is None for r in rows if r["group"] == "seen_plain")
     assert "| WER, held-out sentences |" in (demo_root / "demo" / "demo_report" / "report.md").read_text()
