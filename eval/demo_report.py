@@ -161,9 +161,8 @@ def run(cfg: S2Config) -> dict:
     seen_files = [t for t in files if t["sentences"][0]["text"] in texts_seen]
     truth_rows, codec = [], synth.codec
     device = next(codec.parameters()).device
-    spoken = (
-        synth.model.config.num_codebooks
-    )  # the ceiling is the codec decoding the codebooks the model makes
+    # the ceiling is the codec decoding the codebooks the model makes
+    spoken = synth.model.config.num_codebooks
     for t in seen_files:
         wav = _read(corpus / t["file"])
         with torch.no_grad():  # the file through the codec, as a reference clip is encoded
