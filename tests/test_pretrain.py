@@ -17,7 +17,7 @@ from s2train.config import S2Config, register_configs
 from s2train.models.dual_ar import DualAR, DualARConfig
 from s2train.text.tokenizer import TextConfig, load_tokenizer
 from s2train.training.lm_module import LMTrainConfig, parameter_groups, read_losses, warmup_cosine
-from s2train.training.pretrain_stage import LMDataModule, fit_model_to_data
+from s2train.training.pretrain_stage import LMDataModule, codebook_sizes, fit_model_to_data
 from tests.conftest import ROOT, kill_when, run_cli
 
 # Small and fast: 25 Hz tokens of the random tiny codec, 2 sequences of at most 1024 positions a step.
@@ -110,7 +110,7 @@ def test_a_resume_with_another_world_size_is_refused(tokenized, tmp_path):
     assert "written by 1 ranks and this run has 2" in proc.stderr
 
 
-def test_model_is_fitted_to_the_tokenizer_and_codec():
+def test_model_is_fitted_to_the_tokenizer_and_codec(tokenized):
     tokenizer = load_tokenizer(TextConfig(n_semantic=256))
     from s2train.models.dual_ar import tiny
 
@@ -121,6 +121,12 @@ def test_model_is_fitted_to_the_tokenizer_and_codec():
     assert set(changed) >= {"num_codebooks", "codebook_size"}
     with pytest.raises(ValueError, match="text.n_semantic=1024"):
         fit_model_to_data(tiny(), tokenizer, [1024] * 10)
+    # lm_data.codebooks: token shards' sizes are cut to it; data without sizes takes it as the count
+    assert codebook_sizes(str(tokenized), 2) == codebook_sizes(str(tokenized))[:2]
+    with pytest.raises(ValueError, match="lm_data.codebooks=99"):
+        codebook_sizes(str(tokenized), 99)
+    assert fit_model_to_data(tiny(), tokenizer, None, codebooks=3)[0].num_codebooks == 3
+    assert fit_model_to_data(tiny(), tokenizer, None)[0].num_codebooks == tiny().num_codebooks
 
 
 def test_schedule_and_weight_decay_groups():

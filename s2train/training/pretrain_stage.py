@@ -70,9 +70,12 @@ def codebook_sizes(spec: str, codebooks: int = 0) -> list[int] | None:
 
 
 def fit_model_to_data(
-    model: DualARConfig, tokenizer: TextTokenizer, sizes: list[int] | None
+    model: DualARConfig, tokenizer: TextTokenizer, sizes: list[int] | None, codebooks: int = 0
 ) -> tuple[DualARConfig, dict]:
     """The model preset with the vocabulary, semantic ids and codebook shape of this data.
+
+    ``codebooks`` (``lm_data.codebooks``) sets the number of codebooks where the data does not say its
+    sizes (a saved dataset); token shards' ``sizes`` are already cut to it by ``codebook_sizes``.
 
     The vocabulary is the tokenizer's, rounded up to a multiple of 64 (padding rows, as S2 Pro has).
     Returns the new config and the fields it changed, ``{name: (preset, new)}``.
@@ -94,6 +97,8 @@ def fit_model_to_data(
         wanted["residual_codebook_size"] = max(sizes[1:])
     else:
         wanted["residual_codebook_size"] = min(model.residual_codebook_size, n_semantic)
+        if codebooks:
+            wanted["num_codebooks"] = codebooks
     changed = {k: (getattr(model, k), v) for k, v in wanted.items() if getattr(model, k) != v}
     return dataclasses.replace(model, **wanted), changed
 
@@ -205,7 +210,7 @@ def train_dual_ar(
 def run(cfg: S2Config) -> dict | None:
     tokenizer = load_tokenizer(cfg.text)
     model_cfg, changed = fit_model_to_data(
-        cfg.model, tokenizer, codebook_sizes(token_input(cfg), cfg.lm_data.codebooks)
+        cfg.model, tokenizer, codebook_sizes(token_input(cfg), cfg.lm_data.codebooks), cfg.lm_data.codebooks
     )
     for name, (preset, new) in changed.items():
         print(f"model.{name}: {preset} -> {new} (from the tokenizer and the token shards)")
