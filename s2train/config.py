@@ -31,6 +31,8 @@ from s2train.models.codec import CodecConfig
 from s2train.models.codec import tiny as codec_tiny
 from s2train.models.dual_ar import DualARConfig
 from s2train.models.dual_ar import tiny as dual_ar_tiny
+from s2train.rl.grpo_stage import GRPOConfig
+from s2train.rl.preference import PreferenceConfig
 from s2train.text.tokenizer import TextConfig
 from s2train.training.codec_module import CodecTrainConfig
 from s2train.training.lm_data import LMDataConfig
@@ -59,6 +61,8 @@ class S2Config:
     train: LMTrainConfig = field(default_factory=LMTrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)  # the `strategy` group
     sft: SFTConfig = field(default_factory=SFTConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # the `eval` group: conf/eval/*.yaml

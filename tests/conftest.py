@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # experiment=demo as the README runs it, but with a few training steps instead of minutes of them
 DEMO_SHORT = [
     "demo_corpus.sentences_per_voice=3",
+    "clean.files_per_shard=2",  # many small units, so the kill-and-resume tests can stop between them
     "codec_train.max_steps=16",
     "codec_train.preview_every=8",
     "codec_train.checkpoint_every=8",

@@ -14,6 +14,7 @@ def test_killed_clean_run_resumes_to_the_uninterrupted_manifest(demo_root, demo_
         f"run_root={demo_root}",
         f"run_dir={run_dir}",
         "clean.progress=false",
+        "clean.files_per_shard=2",  # as the demo_root fixture's run (DEMO_SHORT)
     ]
     finished = kill_after_units(overrides, run_dir, units=2, poll_s=0.2)
     units = run_dir / "units"

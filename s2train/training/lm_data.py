@@ -148,6 +148,7 @@ class TokenUtterance:
     tags: tuple = ()  # the captioner's inline tags ({tag, word_index, ...})
     asr_text: str | None = None  # the words the tags' word_index counts
     source: str | None = None  # the recording it was cut from
+    lang: str | None = None  # the language clean detected or the metadata gave
 
 
 def _utterance(key: str, meta: dict, codes: np.ndarray) -> TokenUtterance:
@@ -160,6 +161,7 @@ def _utterance(key: str, meta: dict, codes: np.ndarray) -> TokenUtterance:
         tags=tuple(meta.get("tags") or ()),
         asr_text=meta.get("asr_text"),
         source=meta.get("source"),
+        lang=meta.get("lang"),
     )
 
 

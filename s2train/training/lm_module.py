@@ -268,8 +268,12 @@ def read_losses(path: Path) -> list[dict]:
     return rows
 
 
-def plot_losses(rows: list[dict], out: Path, title: str) -> None:
-    """``loss/total``, ``loss/slow`` and ``loss/fast`` against the step, as a .png."""
+def plot_losses(
+    rows: list[dict], out: Path, title: str, names: tuple[str, ...] = ("loss/total", "loss/slow", "loss/fast"),
+    ylabel: str = "cross-entropy (nats)",
+) -> None:
+    """``names`` (default ``loss/total``, ``loss/slow`` and ``loss/fast``) against the step, as a .png;
+    a name missing from a row is a gap in its line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,10 +281,10 @@ def plot_losses(rows: list[dict], out: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
-    for name in ("loss/total", "loss/slow", "loss/fast"):
-        ax.plot(steps, [r[name] for r in rows], label=name, linewidth=1.2)
+    for name in names:
+        ax.plot(steps, [r.get(name, float("nan")) for r in rows], label=name, linewidth=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
