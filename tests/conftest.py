@@ -41,6 +41,15 @@ DEMO_SHORT = [
     "demo_report.caption_texts=1",
     "demo_report.caption_seeds=2",
     "demo_report.max_new_tokens=30",
+    "preference.max_steps=60",
+    "preference.progress=false",
+    "grpo.train.max_steps=2",
+    "grpo.train.progress=false",
+    "grpo.prompts_per_step=2",
+    "grpo.group_size=2",
+    "grpo.heldout_prompts=2",
+    "grpo.eval_samples=1",
+    "grpo.max_new_tokens=40",
 ]
 
 

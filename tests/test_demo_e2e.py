@@ -53,6 +53,7 @@ def test_demo_pretraining_trains_on_the_demo_tokens(demo_root):
     pipeline = _results(demo_root, "pipeline")
     assert pipeline["stages"] == (
         "demo_corpus -> clean -> codec -> tokenize -> pretrain -> sft -> synthesize -> eval -> demo_report"
+        " -> preference -> grpo"
     )
 
 
@@ -92,3 +93,19 @@ def test_demo_report_measures_the_demo_model(demo_root):
     assert {r["group"] for r in rows} == {"seen", "seen_plain", "heldout", "caption_slow", "caption_fast"}
     assert all(r["voice"] is None for r in rows if r["group"] == "seen_plain")
     assert "| WER, held-out sentences |" in (demo_root / "demo" / "demo_report" / "report.md").read_text()
+
+
+def test_demo_trains_a_preference_model_and_aligns_the_sft_model_with_grpo(demo_root):
+    preference = _results(demo_root, "preference")
+    assert preference["steps"] == 60 and preference["heldout_pairs"] >= 4
+    assert 0 <= preference["heldout_accuracy"] <= 1
+    grpo = _results(demo_root, "grpo")
+    assert grpo["steps"] == 2 and grpo["init"] == str(demo_root / "demo" / "sft")
+    assert grpo["rewards"] == {"preference": 1.0, "sim": 0.5} and grpo["heldout_judge"] == "dnsmos"
+    assert grpo["heldout_evaluations"] == 2 and len(grpo["heldout_reward_change_ci95"]) == 2
+    rows = read_jsonl(demo_root / "demo" / "grpo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert 0 <= row["reward/preference"] <= 1 and row["logprob_gap"] < 1e-4
+        assert row["rollout_s"] > 0 and row["score_s"] > 0 and row["update_s"] > 0
+    assert (demo_root / "demo" / "grpo" / "reward_curve.png").is_file()

@@ -77,13 +77,14 @@ def test_group_advantages_centre_and_scale_each_group_and_floor_a_flat_one():
 def test_combined_rewards_weight_raw_or_group_normalised_parts():
     parts = {"wer": torch.tensor([[0.0, 1.0]]), "sim": torch.tensor([[10.0, 30.0]])}
     torch.testing.assert_close(
-        combine_rewards(parts, {"wer": 1.0, "sim": 0.5}), torch.tensor([[5.0, 16.0]], dtype=torch.float64)
+        combine_rewards(parts, {"wer": 1.0, "sim": 0.5}),
+        torch.tensor([[5.0 / 1.5, 16.0 / 1.5]], dtype=torch.float64),
     )
-    # normalised first: each part is -0.7071, +0.7071 (unbiased std of two values), then 1 * a + 0.5 * b
+    # normalised first: each part is -0.7071, +0.7071 (unbiased std of two values), then (a + 0.5 b) / 1.5
     z = 1 / math.sqrt(2)
     torch.testing.assert_close(
         combine_rewards(parts, {"wer": 1.0, "sim": 0.5}, normalise_each=True),
-        torch.tensor([[-1.5 * z, 1.5 * z]], dtype=torch.float64),
+        torch.tensor([[-z, z]], dtype=torch.float64),
     )
     with pytest.raises(ValueError, match="no values for the rewards"):
         combine_rewards(parts, {"dnsmos": 1.0})
@@ -180,8 +181,14 @@ def test_rollouts_refuse_sampling_without_log_probs(tokenizer):
     engine = InferenceEngine(_model(), IM_END, max_batch=2)
     with pytest.raises(ValueError, match="exact mode"):
         draw_groups(
-            engine, tokenizer, _prompts(), group_size=2, sampling=SamplingParams(), max_new_tokens=5,
-            seed=0, step=0,
+            engine,
+            tokenizer,
+            _prompts(),
+            group_size=2,
+            sampling=SamplingParams(),
+            max_new_tokens=5,
+            seed=0,
+            step=0,
         )
 
 
@@ -192,8 +199,14 @@ def test_updates_towards_a_preferred_candidate_make_it_likelier(tokenizer):
     sampling = SamplingParams.exact_at(1.0)
     prompt = RolloutPrompt("a", "Hello there.")
     candidates = draw_groups(
-        InferenceEngine(model, IM_END, max_batch=4), tokenizer, [prompt], group_size=4,
-        sampling=sampling, max_new_tokens=12, seed=1, step=0,
+        InferenceEngine(model, IM_END, max_batch=4),
+        tokenizer,
+        [prompt],
+        group_size=4,
+        sampling=sampling,
+        max_new_tokens=12,
+        seed=1,
+        step=0,
     )
     batch = candidate_batch(candidates, tokenizer)
     old = rollout_logprobs(candidates)
@@ -210,7 +223,9 @@ def test_updates_towards_a_preferred_candidate_make_it_likelier(tokenizer):
     for _ in range(5):
         now = token_logprobs(model, batch, IM_END, 1.0, 1.0)
         owners = torch.cat([now.slow_owner, now.fast_owner.repeat_interleave(now.fast.shape[1])])
-        fast = torch.cat([torch.zeros(len(now.slow), dtype=torch.bool), torch.ones(now.fast.numel(), dtype=torch.bool)])
+        fast = torch.cat(
+            [torch.zeros(len(now.slow), dtype=torch.bool), torch.ones(now.fast.numel(), dtype=torch.bool)]
+        )
         tokens = TokenBatch(now.flat(), old.flat(), None, advantages[owners], torch.ones(len(owners)), fast)
         optimizer.zero_grad()
         grpo_loss(tokens, cfg)["loss/total"].backward()

@@ -13,9 +13,9 @@ tokens of a frame together as much as its slow token).
 
 **Advantages** (``group_advantages``): within each group, ``(r - mean) / max(std, std_floor)`` with the
 unbiased standard deviation, so a group whose candidates all scored the same gets advantage 0 (nothing
-to learn from it) instead of a division by zero. ``combine_rewards`` sums the weighted rewards; with
-``normalise_each`` every reward is group-normalised first, so a reward with a wide raw spread does not
-drown the others.
+to learn from it) instead of a division by zero. ``combine_rewards`` is the weighted mean of the rewards
+(in [0, 1] when they are); with ``normalise_each`` every reward is group-normalised first, so a reward
+with a wide raw spread does not drown the others.
 
 **Loss per token** (``clipped_surrogate``), with ``ratio = exp(logp - old_logp)`` and advantage ``A``::
 
@@ -63,17 +63,22 @@ class ObjectiveConfig:
 def group_advantages(rewards_PG: Tensor, std_floor: float = 1e-4) -> Tensor:
     """(P, G) rewards -> (P, G) advantages: each group centred and divided by its (unbiased) std, floored."""
     if rewards_PG.dim() != 2 or rewards_PG.shape[1] < 2:
-        raise ValueError(f"rewards must be (prompts, candidates) with at least 2 candidates, not {tuple(rewards_PG.shape)}")
+        raise ValueError(
+            f"rewards must be (prompts, candidates) with at least 2 candidates, not {tuple(rewards_PG.shape)}"
+        )
     mean = rewards_PG.mean(dim=1, keepdim=True)
     std = rewards_PG.std(dim=1, keepdim=True).clamp_min(std_floor)
     return (rewards_PG - mean) / std
 
 
 def combine_rewards(
-    components: Mapping[str, Tensor], weights: Mapping[str, float], *, normalise_each: bool = False,
+    components: Mapping[str, Tensor],
+    weights: Mapping[str, float],
+    *,
+    normalise_each: bool = False,
     std_floor: float = 1e-4,
 ) -> Tensor:
-    """The weighted sum of (P, G) reward components (each group-normalised first with ``normalise_each``)."""
+    """The weighted mean of (P, G) reward components (each group-normalised first with ``normalise_each``)."""
     missing = [name for name in weights if name not in components]
     if missing:
         raise ValueError(f"no values for the rewards {missing}")
@@ -83,9 +88,9 @@ def combine_rewards(
         if normalise_each:
             values = group_advantages(values, std_floor)
         total = weight * values if total is None else total + weight * values
-    if total is None:
-        raise ValueError("grpo.rewards is empty: name at least one reward with a weight")
-    return total
+    if total is None or sum(weights.values()) <= 0:
+        raise ValueError("grpo.rewards is empty: name at least one reward with a positive weight")
+    return total / sum(weights.values())
 
 
 def k3(logp: Tensor, ref_logp: Tensor) -> Tensor:

@@ -71,7 +71,6 @@ from s2train.rl.rewards import (
     Scoring,
     build_rewards,
     fill_not_applicable,
-    prepare_audio,
     score_candidates,
 )
 from s2train.rl.rollout import (
@@ -93,14 +92,18 @@ if TYPE_CHECKING:
 
 
 def _grpo_train() -> LMTrainConfig:
-    return LMTrainConfig(max_steps=100, lr=1e-5, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, checkpoint_every=10)
+    return LMTrainConfig(
+        max_steps=100, lr=1e-5, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, checkpoint_every=10
+    )
 
 
 @dataclass
 class GRPOConfig:
     """``stage=grpo`` (``s2train.rl.grpo_stage``)."""
 
-    init: str | None = None  # the model to align: a run dir with model.json, or a release; None: run_root/name/sft
+    init: str | None = (
+        None  # the model to align: a run dir with model.json, or a release; None: run_root/name/sft
+    )
     codec: str | None = None  # None: tokenize.codec
     prompts: str | None = None  # a prompts JSONL; None: from the token data (lm_data.input)
     reference_share: float = 0.7  # prompts from the token data: share cloning a voice
@@ -115,20 +118,41 @@ class GRPOConfig:
     fast_temperature: float = 1.0
     max_new_tokens: int = 512  # frames
     max_batch: int = 32  # rows the engine decodes at once
-    eval_every: int = 10  # GRPO steps; the held-out prompts are also spoken before the first and after the last
+    eval_every: int = (
+        10  # GRPO steps; the held-out prompts are also spoken before the first and after the last
+    )
     eval_samples: int = 4  # candidates per held-out prompt and evaluation
-    heldout_judge: str | None = "dnsmos"  # a reward scored on held-out prompts only (not trained on); null: none
+    heldout_judge: str | None = (
+        "dnsmos"  # a reward scored on held-out prompts only (not trained on); null: none
+    )
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
-    train: LMTrainConfig = field(default_factory=_grpo_train)  # lr, schedule, checkpoints (in GRPO steps), devices
+    train: LMTrainConfig = field(
+        default_factory=_grpo_train
+    )  # lr, schedule, checkpoints (in GRPO steps), devices
 
     def __post_init__(self) -> None:
-        for name in ("heldout_prompts", "prompts_per_step", "epochs", "minibatches", "max_new_tokens", "max_batch",
-                     "eval_every", "eval_samples", "max_prompts"):
+        for name in (
+            "heldout_prompts",
+            "prompts_per_step",
+            "epochs",
+            "minibatches",
+            "max_new_tokens",
+            "max_batch",
+            "eval_every",
+            "eval_samples",
+            "max_prompts",
+        ):
             check(getattr(self, name) >= 1, f"grpo.{name} must be at least 1, not {getattr(self, name)}")
-        check(self.group_size >= 2, f"grpo.group_size must be at least 2 (advantages compare a group), not {self.group_size}")
-        check(self.temperature > 0 and self.fast_temperature > 0, "grpo.temperature and fast_temperature must be positive")
+        check(
+            self.group_size >= 2,
+            f"grpo.group_size must be at least 2 (advantages compare a group), not {self.group_size}",
+        )
+        check(
+            self.temperature > 0 and self.fast_temperature > 0,
+            "grpo.temperature and fast_temperature must be positive",
+        )
         for name in ("reference_share", "caption_share"):
             check(0 <= getattr(self, name) <= 1, f"grpo.{name} must be in [0, 1]")
         check(
@@ -166,7 +190,7 @@ def prompts_from_jsonl(path: Path, codec) -> list[RolloutPrompt]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} line {n}: not JSON ({error.msg})") from error
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise ValueError(f"{path} line {n}: a prompt is an object with a non-empty \"text\"")
+            raise ValueError(f'{path} line {n}: a prompt is an object with a non-empty "text"')
         key = str(row.get("id", f"line-{n}"))
         references, audio = [], None
         if row.get("reference_audio"):
@@ -178,7 +202,12 @@ def prompts_from_jsonl(path: Path, codec) -> list[RolloutPrompt]:
             audio = resample(wav.mean(axis=1), rate, JUDGE_RATE)
         out.append(
             RolloutPrompt(
-                key, row["text"], row.get("lang", "en"), references, audio, row.get("caption"),
+                key,
+                row["text"],
+                row.get("lang", "en"),
+                references,
+                audio,
+                row.get("caption"),
                 re.findall(r"\[[^\]]+\]", row["text"]),
             )
         )
@@ -217,12 +246,18 @@ def prompts_from_data(cfg: S2Config, g: GRPOConfig) -> list[RolloutPrompt]:
     return out[: g.max_prompts + g.heldout_prompts]
 
 
-def fits(prompt: RolloutPrompt, tokenizer: TextTokenizer, model: DualAR, max_new_tokens: int, system_turn: bool) -> bool:
+def fits(
+    prompt: RolloutPrompt, tokenizer: TextTokenizer, model: DualAR, max_new_tokens: int, system_turn: bool
+) -> bool:
     from s2train.text.prompt import build_prompt
 
     tokens = build_prompt(
-        tokenizer, prompt.text, model.config.num_codebooks, references=prompt.references,
-        caption=prompt.caption, system_turn=system_turn,
+        tokenizer,
+        prompt.text,
+        model.config.num_codebooks,
+        references=prompt.references,
+        caption=prompt.caption,
+        system_turn=system_turn,
     ).tokens
     return tokens.shape[1] + max_new_tokens <= model.config.max_seq_len
 
@@ -301,8 +336,14 @@ class GRPOModule(L.LightningModule):
         self.model.eval()
         try:
             return draw_groups(
-                self.engine, self.tokenizer, prompts, group_size=group, sampling=self.sampling,
-                max_new_tokens=self.g.max_new_tokens, seed=seed, step=step,
+                self.engine,
+                self.tokenizer,
+                prompts,
+                group_size=group,
+                sampling=self.sampling,
+                max_new_tokens=self.g.max_new_tokens,
+                seed=seed,
+                step=step,
                 system_turn=self.cfg.text.system_turn,
             )
         finally:
@@ -324,10 +365,13 @@ class GRPOModule(L.LightningModule):
         return out
 
     def score(self, rewards: dict, prompts: list[RolloutPrompt], candidates: list[Candidate]):
-        wavs = prepare_audio(self.audio(candidates), self.g.guards)
         scoring = Scoring(
-            self.judges, wavs, [prompts[c.prompt_index] for c in candidates],
-            [c.generation.codes[0].numpy() for c in candidates], [c.generation.stopped for c in candidates],
+            self.judges,
+            self.audio(candidates),
+            [prompts[c.prompt_index] for c in candidates],
+            [c.generation.codes[0].numpy() for c in candidates],
+            [c.generation.stopped for c in candidates],
+            self.g.guards.loudness_lufs,
         )
         return score_candidates(rewards, self.g.rewards, self.g.guards, scoring)
 
@@ -336,8 +380,10 @@ class GRPOModule(L.LightningModule):
         weights = {k: v for k, v in self.g.rewards.weights.items() if v > 0}
         filled = {k: fill_not_applicable(scores.components[k].reshape(prompts, group)) for k in weights}
         total = combine_rewards(
-            {k: torch.from_numpy(v) for k, v in filled.items()}, weights,
-            normalise_each=self.g.objective.normalise_each, std_floor=self.g.objective.std_floor,
+            {k: torch.from_numpy(v) for k, v in filled.items()},
+            weights,
+            normalise_each=self.g.objective.normalise_each,
+            std_floor=self.g.objective.std_floor,
         )
         return total, filled
 
@@ -348,7 +394,11 @@ class GRPOModule(L.LightningModule):
         step = self.global_step // g.updates_per_step
         rank, world = self.global_rank, self.trainer.world_size
         rng = np.random.default_rng([self.cfg.seed, step])
-        chosen = rng.choice(len(self.train_prompts), size=g.prompts_per_step * world, replace=len(self.train_prompts) < g.prompts_per_step * world)
+        chosen = rng.choice(
+            len(self.train_prompts),
+            size=g.prompts_per_step * world,
+            replace=len(self.train_prompts) < g.prompts_per_step * world,
+        )
         prompts = [self.train_prompts[int(i)] for i in chosen[rank::world]]
 
         started = time.perf_counter()
@@ -379,7 +429,15 @@ class GRPOModule(L.LightningModule):
         logs: dict[str, float] = {}
         gap = None
         for epoch in range(g.epochs):
-            perm = order[torch.randperm(B, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + step * 31 + epoch))] if g.minibatches > 1 else order
+            perm = (
+                order[
+                    torch.randperm(
+                        B, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + step * 31 + epoch)
+                    )
+                ]
+                if g.minibatches > 1
+                else order
+            )
             for rows in torch.tensor_split(perm, g.minibatches):
                 keep = torch.zeros(B, dtype=torch.bool)
                 keep[rows] = True
@@ -398,12 +456,22 @@ class GRPOModule(L.LightningModule):
                 logs["entropy/slow"], logs["entropy/fast"] = now.slow_entropy, now.fast_entropy
         update_s = time.perf_counter() - started
 
-        row = {"step": step + 1, **logs, "logprob_gap": gap, "rollout_s": round(rollout_s, 3),
-               "score_s": round(score_s, 3), "update_s": round(update_s, 3),
-               "frames": int(sum(c.generation.codes.shape[1] for c in candidates)),
-               "reward/total": float(total.mean())}
+        row = {
+            "step": step + 1,
+            **logs,
+            "logprob_gap": gap,
+            "rollout_s": round(rollout_s, 3),
+            "score_s": round(score_s, 3),
+            "update_s": round(update_s, 3),
+            "frames": int(sum(c.generation.codes.shape[1] for c in candidates)),
+            "reward/total": float(total.mean()),
+        }
         for name in scores.components:
-            row[f"reward/{name}"] = float(np.nanmean(scores.components[name])) if np.isfinite(scores.components[name]).any() else None
+            row[f"reward/{name}"] = (
+                float(np.nanmean(scores.components[name]))
+                if np.isfinite(scores.components[name]).any()
+                else None
+            )
             raw = scores.raw[name]
             row[f"raw/{name}"] = float(np.nanmean(raw)) if np.isfinite(raw).any() else None
         for guard in g.guards.enabled:
@@ -418,8 +486,12 @@ class GRPOModule(L.LightningModule):
     def _tokens(self, now, old, ref, advantages, keep, fast_weight) -> TokenBatch:
         device = now.slow.device
         owners = torch.cat([now.slow_owner, now.fast_owner.repeat_interleave(now.fast.shape[1])]).to(device)
-        fast = torch.cat([torch.zeros_like(now.slow_owner, dtype=torch.bool),
-                          torch.ones(now.fast.numel(), dtype=torch.bool, device=device)]).to(device)
+        fast = torch.cat(
+            [
+                torch.zeros_like(now.slow_owner, dtype=torch.bool),
+                torch.ones(now.fast.numel(), dtype=torch.bool, device=device),
+            ]
+        ).to(device)
         mask = keep.to(device)[owners]
         weight = torch.where(fast, torch.tensor(fast_weight, device=device), torch.tensor(1.0, device=device))
         return TokenBatch(
@@ -436,7 +508,9 @@ class GRPOModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.grad is not None]
         if clip > 0:
             return float(torch.nn.utils.clip_grad_norm_(params, clip))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        return (
+            float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        )
 
     # ------------------------------------------------------------------------------------ held out
 
@@ -445,7 +519,11 @@ class GRPOModule(L.LightningModule):
             for name in ("metrics.jsonl", "heldout.jsonl"):
                 path = self.run_dir / name
                 if path.exists():
-                    kept = [r for r in read_losses(path) if r["step"] <= self.global_step // self.g.updates_per_step]
+                    kept = [
+                        r
+                        for r in read_losses(path)
+                        if r["step"] <= self.global_step // self.g.updates_per_step
+                    ]
                     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if self.global_step == 0:
             self.evaluate(0)
@@ -456,15 +534,23 @@ class GRPOModule(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         g = self.g
-        candidates = self.rollouts(self.heldout, 10**9, g.eval_samples, self.cfg.seed)  # the same seeds every time
+        candidates = self.rollouts(
+            self.heldout, 10**9, g.eval_samples, self.cfg.seed
+        )  # the same seeds every time
         scores = self.score(self.eval_rewards, self.heldout, candidates)
         total, _ = self.totals(scores, len(self.heldout), g.eval_samples)
         total = total.reshape(-1)
         with (self.run_dir / "heldout.jsonl").open("a") as f:
             for i, c in enumerate(candidates):
-                row = {"step": step, "prompt": self.heldout[c.prompt_index].key, "sample": c.candidate,
-                       "total": float(total[i]), "frames": int(c.generation.codes.shape[1]),
-                       "stopped": bool(c.generation.stopped), "guards": scores.guards[i]}
+                row = {
+                    "step": step,
+                    "prompt": self.heldout[c.prompt_index].key,
+                    "sample": c.candidate,
+                    "total": float(total[i]),
+                    "frames": int(c.generation.codes.shape[1]),
+                    "stopped": bool(c.generation.stopped),
+                    "guards": scores.guards[i],
+                }
                 for name in scores.components:
                     value = scores.components[name][i]
                     row[name] = None if np.isnan(value) else float(value)
@@ -474,7 +560,9 @@ class GRPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         t, g = self.g.train, self.g
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas)
+        )
         updates = t.max_steps * g.updates_per_step
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -486,7 +574,9 @@ class GRPOModule(L.LightningModule):
 # -------------------------------------------------------------------------------------------- figures
 
 
-def bootstrap_interval(values: np.ndarray, seed: int, n: int = 10_000, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    values: np.ndarray, seed: int, n: int = 10_000, level: float = 0.95
+) -> tuple[float, float]:
     """The percentile bootstrap interval of the mean of ``values``."""
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
@@ -507,7 +597,11 @@ def heldout_summary(rows: list[dict], judge: str | None, seed: int) -> dict:
                 out.setdefault(r["prompt"], []).append(r[name])
         return {k: float(np.mean(v)) for k, v in out.items()}
 
-    summary: dict = {"heldout_evaluations": len(steps), "heldout_first_step": first, "heldout_last_step": last}
+    summary: dict = {
+        "heldout_evaluations": len(steps),
+        "heldout_first_step": first,
+        "heldout_last_step": last,
+    }
     for name in ["total"] + ([f"raw_{judge}"] if judge else []):
         a, b = per_prompt(first, name), per_prompt(last, name)
         keys = sorted(set(a) & set(b))
@@ -533,14 +627,21 @@ def plot_rewards(metrics: list[dict], heldout: list[dict], out: Path, title: str
     steps = [m["step"] for m in metrics]
     names = sorted({k for m in metrics for k in m if k.startswith("reward/")})
     for name in names:
-        left.plot(steps, [m.get(name) if m.get(name) is not None else np.nan for m in metrics], label=name, linewidth=1.2)
+        left.plot(
+            steps,
+            [m.get(name) if m.get(name) is not None else np.nan for m in metrics],
+            label=name,
+            linewidth=1.2,
+        )
     left.set_xlabel("step")
     left.set_ylabel("mean reward of the rollouts")
     left.set_title(f"{title}: training rollouts")
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
     evals = sorted({r["step"] for r in heldout})
-    right.plot(evals, [np.mean([r["total"] for r in heldout if r["step"] == s]) for s in evals], "o-", label="total")
+    right.plot(
+        evals, [np.mean([r["total"] for r in heldout if r["step"] == s]) for s in evals], "o-", label="total"
+    )
     right.set_xlabel("step")
     right.set_ylabel("mean total reward")
     right.set_title("held-out prompts")
@@ -617,7 +718,11 @@ def run(cfg: S2Config) -> dict | None:
     metrics = read_losses(run_dir / "metrics.jsonl")
     heldout_rows = read_losses(run_dir / "heldout.jsonl")
     plot_rewards(metrics, heldout_rows, run_dir / "reward_curve.png", f"{cfg.name}: grpo")
-    timing = {k: round(float(np.sum([m[k] for m in metrics])), 2) for k in ("rollout_s", "score_s", "update_s")} if metrics else {}
+    timing = (
+        {k: round(float(np.sum([m[k] for m in metrics])), 2) for k in ("rollout_s", "score_s", "update_s")}
+        if metrics
+        else {}
+    )
     results = {
         "init": str(init),
         "steps": trainer.global_step // updates,

@@ -65,7 +65,9 @@ class PreferenceConfig:
     clean: str | None = None  # the clean run to make pairs from; None: run_root/name/clean
     degradations: list[str] = field(default_factory=lambda: list(DEGRADATIONS))
     encoder: str = "codec"  # codec | wavlm | whisper
-    encoder_path: str | None = None  # codec: a codec.pt or codec run (None: tokenize.codec); else a local model
+    encoder_path: str | None = (
+        None  # codec: a codec.pt or codec run (None: tokenize.codec); else a local model
+    )
     heldout: float = 0.2  # share of the pairs held out for the accuracy
     hidden: int = 64
     max_steps: int = 300
@@ -78,12 +80,20 @@ class PreferenceConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        check(self.encoder in ENCODERS, f"preference.encoder must be one of {', '.join(ENCODERS)}, not {self.encoder!r}")
+        check(
+            self.encoder in ENCODERS,
+            f"preference.encoder must be one of {', '.join(ENCODERS)}, not {self.encoder!r}",
+        )
         unknown = [d for d in self.degradations if d not in DEGRADATIONS]
-        check(not unknown, f"preference.degradations has unknown kinds {unknown}; they are {', '.join(DEGRADATIONS)}")
+        check(
+            not unknown,
+            f"preference.degradations has unknown kinds {unknown}; they are {', '.join(DEGRADATIONS)}",
+        )
         check(0 < self.heldout < 1, f"preference.heldout must be in (0, 1), not {self.heldout}")
         for name in ("hidden", "max_steps", "batch_size", "checkpoint_every", "log_every"):
-            check(getattr(self, name) >= 1, f"preference.{name} must be at least 1, not {getattr(self, name)}")
+            check(
+                getattr(self, name) >= 1, f"preference.{name} must be at least 1, not {getattr(self, name)}"
+            )
         check(self.lr > 0, "preference.lr must be positive")
 
 
@@ -102,7 +112,9 @@ class FrameEncoder:
             self.codec.eval()
         elif kind == "wavlm":
             if not path or not Path(path).is_dir():
-                raise ValueError(f"preference.encoder=wavlm needs preference.encoder_path, a WavLM folder; got {path!r}")
+                raise ValueError(
+                    f"preference.encoder=wavlm needs preference.encoder_path, a WavLM folder; got {path!r}"
+                )
             from transformers import WavLMModel
 
             self.wavlm = WavLMModel.from_pretrained(path).eval()
@@ -203,7 +215,9 @@ def degrade(wav: np.ndarray, kind: str, rng: np.random.Generator, codec=None) ->
         return (np.clip(wav, -limit, limit) * (peak / limit) * 0.5).astype(np.float32)
     if kind == "codec":
         if codec is None:
-            raise ValueError("the codec degradation needs a codec (preference.encoder_path or tokenize.codec)")
+            raise ValueError(
+                "the codec degradation needs a codec (preference.encoder_path or tokenize.codec)"
+            )
         rate = codec.config.sample_rate
         with torch.no_grad():
             codes = codec.encode(torch.from_numpy(resample(wav, JUDGE_RATE, rate)), rate)
@@ -223,8 +237,9 @@ def _inside(folder: Path, name: str) -> Path:
     return path
 
 
-def read_pairs(spec: str) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """``(a, b, preferred: 0 = a, 1 = b)`` at 16 kHz from a pairs JSONL or a saved HF dataset."""
+def read_pairs(spec: str) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
+    """``(a, b, preferred: 0 = a, 1 = b, group)`` at 16 kHz from a pairs JSONL or a saved HF dataset
+    (each pair its own group)."""
     import soundfile as sf
 
     path = Path(spec)
@@ -235,9 +250,14 @@ def read_pairs(spec: str) -> list[tuple[np.ndarray, np.ndarray, int]]:
         data = load_from_disk(str(path))
         for i, row in enumerate(data):
             if row.get("preferred") not in ("a", "b"):
-                raise ValueError(f"{path} row {i}: preferred must be 'a' or 'b', not {row.get('preferred')!r}")
-            clips = [resample(np.asarray(row[k]["array"], np.float32), row[k]["sampling_rate"], JUDGE_RATE) for k in "ab"]
-            out.append((clips[0], clips[1], int(row["preferred"] == "b")))
+                raise ValueError(
+                    f"{path} row {i}: preferred must be 'a' or 'b', not {row.get('preferred')!r}"
+                )
+            clips = [
+                resample(np.asarray(row[k]["array"], np.float32), row[k]["sampling_rate"], JUDGE_RATE)
+                for k in "ab"
+            ]
+            out.append((clips[0], clips[1], int(row["preferred"] == "b"), i))
         return out
     if not path.is_file():
         raise ValueError(f"preference.pairs={spec} is neither a pairs JSONL file nor a saved dataset folder")
@@ -254,12 +274,13 @@ def read_pairs(spec: str) -> list[tuple[np.ndarray, np.ndarray, int]]:
         for key in "ab":
             wav, rate = sf.read(_inside(path.parent, row[key]), dtype="float32", always_2d=True)
             clips.append(resample(wav.mean(axis=1), rate, JUDGE_RATE))
-        out.append((clips[0], clips[1], int(row["preferred"] == "b")))
+        out.append((clips[0], clips[1], int(row["preferred"] == "b"), n))
     return out
 
 
 def demo_pairs(clean_dir: Path, kinds: list[str], seed: int, codec=None, max_s: float = 6.0):
-    """Every clean utterance (up to ``max_s``) preferred over a degraded copy, kinds in turn."""
+    """Every clean utterance (its first ``max_s``) preferred over a copy degraded in each of ``kinds``;
+    ``(a, b, preferred, clip)`` with the clip's index, so a split can keep a clip's pairs together."""
     from s2train.training.codec_data import index_shards, read_audio
 
     items = index_shards(Path(clean_dir) / "shards")
@@ -269,9 +290,10 @@ def demo_pairs(clean_dir: Path, kinds: list[str], seed: int, codec=None, max_s: 
     out = []
     for i, item in enumerate(items):
         wav = read_audio(item, JUDGE_RATE)[: int(max_s * JUDGE_RATE)]
-        worse = degrade(wav, kinds[i % len(kinds)], rng, codec)
-        swap = bool(rng.integers(2))  # the preferred clip is a or b at random
-        out.append((worse, wav, 1) if swap else (wav, worse, 0))
+        for kind in kinds:
+            worse = degrade(wav, kind, rng, codec)
+            swap = bool(rng.integers(2))  # the preferred clip is a or b at random
+            out.append((worse, wav, 1, i) if swap else (wav, worse, 0, i))
     return out
 
 
@@ -296,7 +318,7 @@ class PreferenceModule(L.LightningModule):
         self.log_dict({"loss/total": loss.detach(), "accuracy": accuracy}, on_step=True, on_epoch=False)
         if self.trainer.is_global_zero:
             with (self.run_dir / "losses.jsonl").open("a") as f:
-                f.write(json.dumps({"step": self.global_step + 1, "loss/total": float(loss)}) + "\n")
+                f.write(json.dumps({"step": self.global_step + 1, "loss/total": float(loss.detach())}) + "\n")
         return loss
 
     def on_train_start(self) -> None:
@@ -330,12 +352,18 @@ class _PairBatches(torch.utils.data.IterableDataset):
             step += 1
 
 
-def split_pairs(n: int, heldout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng([seed, 7]).permutation(n)
-    k = max(1, int(round(n * heldout)))
-    if n - k < 2:
-        raise ValueError(f"{n} preference pairs are too few to hold out {heldout:.0%} and still train")
-    return order[k:], order[:k]
+def split_pairs(groups: list[int], heldout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, heldout)`` pair indices; a group (the pairs made from one clip) stays on one side."""
+    names = sorted(set(groups))
+    order = np.random.default_rng([seed, 7]).permutation(len(names))
+    k = max(1, int(round(len(names) * heldout)))
+    if len(names) - k < 2:
+        raise ValueError(
+            f"{len(names)} preference clips are too few to hold out {heldout:.0%} and still train"
+        )
+    held = {names[i] for i in order[:k]}
+    inside = np.array([g in held for g in groups])
+    return np.flatnonzero(~inside), np.flatnonzero(inside)
 
 
 def run(cfg: S2Config) -> dict:
@@ -357,7 +385,7 @@ def run(cfg: S2Config) -> dict:
 
             codec, _ = open_codec(cfg.tokenize.codec)
         pairs, source = demo_pairs(clean, p.degradations, cfg.seed, codec), f"{clean} (clean vs degraded)"
-    train_idx, held_idx = split_pairs(len(pairs), p.heldout, cfg.seed)
+    train_idx, held_idx = split_pairs([x[3] for x in pairs], p.heldout, cfg.seed)
     a = encoder.features([x[0] for x in pairs])
     b = encoder.features([x[1] for x in pairs])
     preferred = torch.tensor([x[2] for x in pairs])
@@ -389,12 +417,21 @@ def run(cfg: S2Config) -> dict:
         right = torch.where(preferred[h] == 0, sa > sb, sb > sa)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in scorer.state_dict().items()}, str(run_dir / "preference.safetensors"))
-    info = {"encoder": p.encoder, "encoder_path": str(encoder.path) if encoder.path else None, "dim": a.shape[1], "hidden": p.hidden}
+    save_file(
+        {k: v.contiguous() for k, v in scorer.state_dict().items()}, str(run_dir / "preference.safetensors")
+    )
+    info = {
+        "encoder": p.encoder,
+        "encoder_path": str(encoder.path) if encoder.path else None,
+        "dim": a.shape[1],
+        "hidden": p.hidden,
+    }
     write_json_atomic(run_dir / "preference.json", info)
     rows = read_losses(run_dir / "losses.jsonl")
     if rows:
-        plot_losses(rows, run_dir / "loss_curve.png", "preference model", ("loss/total",), "Bradley-Terry loss")
+        plot_losses(
+            rows, run_dir / "loss_curve.png", "preference model", ("loss/total",), "Bradley-Terry loss"
+        )
     return {
         "pairs": len(pairs),
         "pairs_source": source,

@@ -35,7 +35,7 @@ advantage.
 - ``copy``: speaker similarity to the reference at least ``copy_sim``: the reference played back, not
   the text spoken.
 
-Loudness normalisation (``loudness_lufs``) brings every candidate to one integrated loudness (peaks
+Loudness normalisation (``loudness_lufs``) brings every candidate and reference to one integrated loudness (peaks
 limited to -1 dBFS) before any judge hears it, so no reward can be won by getting louder or quieter.
 """
 
@@ -73,7 +73,10 @@ class GuardConfig:
 
     def __post_init__(self) -> None:
         unknown = [g for g in self.enabled if g not in GUARDS]
-        check(not unknown, f"grpo.guards.enabled has unknown guards {unknown}; the guards are {', '.join(GUARDS)}")
+        check(
+            not unknown,
+            f"grpo.guards.enabled has unknown guards {unknown}; the guards are {', '.join(GUARDS)}",
+        )
         check(
             0 < self.min_syllable_rate < self.max_syllable_rate,
             "grpo.guards needs 0 < min_syllable_rate < max_syllable_rate",
@@ -94,7 +97,10 @@ class RewardsConfig:
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.weights if name not in REWARDS]
-        check(not unknown, f"grpo.rewards.weights has unknown rewards {unknown}; the rewards are {', '.join(REWARDS)}")
+        check(
+            not unknown,
+            f"grpo.rewards.weights has unknown rewards {unknown}; the rewards are {', '.join(REWARDS)}",
+        )
         check(
             all(w >= 0 for w in self.weights.values()) and sum(self.weights.values()) > 0,
             f"grpo.rewards.weights must be >= 0 and not all 0, not {self.weights}",
@@ -131,10 +137,19 @@ class Scoring:
     """The candidates of a step as the rewards see them; ASR, VAD and speaker embeddings on first use."""
 
     judges: JudgeSuite
-    wavs: list[np.ndarray]  # 16 kHz, loudness-normalised
+    wavs: list[np.ndarray]  # 16 kHz
     prompts: list[RolloutPrompt]  # the prompt of each candidate
     c0: list[np.ndarray]  # codebook 0 of each candidate's frames
     stopped: list[bool]
+    loudness_lufs: float | None = None  # the candidates (given at their own level) and references are
+    # brought to this loudness before any judge hears them (``guards.loudness_lufs``); None: as given
+
+    def __post_init__(self) -> None:
+        self.wavs = [self.level(w) for w in self.wavs]
+
+    def level(self, wav: np.ndarray) -> np.ndarray:
+        wav = np.asarray(wav, dtype=np.float32)
+        return wav if self.loudness_lufs is None else normalise_loudness(wav, self.loudness_lufs)
 
     @cached_property
     def transcripts(self):
@@ -156,11 +171,13 @@ class Scoring:
             for i, p in enumerate(self.prompts)
             if p.reference_audio is not None and len(self.wavs[i]) >= JUDGE_RATE // 4
         ]
-        if pairs:
-            mine = self.judges.embedder.embed([self.wavs[i] for i, _ in pairs])
-            theirs = self.judges.embedder.embed([ref for _, ref in pairs])
-            for (i, _), a, b in zip(pairs, mine, theirs):
-                sims[i] = float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-9))
+        embed = self.judges.embedder.embed  # one clip a call: a batch is cut to its shortest clip
+        references: dict[int, np.ndarray] = {}
+        for i, ref in pairs:
+            if id(ref) not in references:  # the reference heard as the candidates are (the same loudness)
+                references[id(ref)] = embed([self.level(ref)])[0]
+            a, b = embed([self.wavs[i]])[0], references[id(ref)]
+            sims[i] = float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-9))
         return sims
 
 
@@ -334,13 +351,6 @@ def score_candidates(
             for values in components.values():
                 values[i] = 0.0
     return Scores(components, raw, failed)
-
-
-def prepare_audio(wavs: Sequence[np.ndarray], guards: GuardConfig) -> list[np.ndarray]:
-    """16 kHz candidates as the judges hear them: loudness-normalised unless ``loudness_lufs`` is null."""
-    if guards.loudness_lufs is None:
-        return [np.asarray(w, dtype=np.float32) for w in wavs]
-    return [normalise_loudness(np.asarray(w, dtype=np.float32), guards.loudness_lufs) for w in wavs]
 
 
 def fill_not_applicable(values_PG: np.ndarray) -> np.ndarray:

@@ -78,7 +78,9 @@ def draw_groups(
 ) -> list[Candidate]:
     """``group_size`` candidates for every prompt (prompt-major order), drawn in exact mode."""
     if not sampling.exact:
-        raise ValueError("GRPO rollouts draw in exact mode (SamplingParams.exact_at): the loss needs their log-probs")
+        raise ValueError(
+            "GRPO rollouts draw in exact mode (SamplingParams.exact_at): the loss needs their log-probs"
+        )
     K = engine.config.num_codebooks
     requests, owners = [], []
     for p, prompt in enumerate(prompts):
@@ -124,8 +126,13 @@ def candidate_batch(candidates: Sequence[Candidate], tokenizer: TextTokenizer) -
         n = inputs.shape[1]
         sequences.append(
             PackedSequence(
-                inputs, labels, torch.arange(n), torch.zeros(n, dtype=torch.long),
-                [f"{c.prompt_index}/{c.candidate}"], (0, 1, 0, 0, 0), ["grpo"],
+                inputs,
+                labels,
+                torch.arange(n),
+                torch.zeros(n, dtype=torch.long),
+                [f"{c.prompt_index}/{c.candidate}"],
+                (0, 1, 0, 0, 0),
+                ["grpo"],
             )
         )
     return Collate(tokenizer.token_id("<|pad|>"))(sequences)
@@ -169,9 +176,13 @@ def token_logprobs(
     owners = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(trained)
     with torch.no_grad():
         slow_h = -(slow.exp() * slow.masked_fill(~allowed, 0.0)).sum(-1).mean()
-        terms = torch.where(torch.isfinite(fast), fast.exp() * fast, torch.zeros_like(fast))  # masked codes: 0
+        terms = torch.where(
+            torch.isfinite(fast), fast.exp() * fast, torch.zeros_like(fast)
+        )  # masked codes: 0
         fast_h = -terms.sum(-1).mean() if fast.numel() else torch.tensor(float("nan"))
-    return TokenLogprobs(slow_lp, owners[trained], fast_lp, owners[rows.mask_BT], float(slow_h), float(fast_h))
+    return TokenLogprobs(
+        slow_lp, owners[trained], fast_lp, owners[rows.mask_BT], float(slow_h), float(fast_h)
+    )
 
 
 def rollout_logprobs(candidates: Sequence[Candidate]) -> TokenLogprobs:

@@ -1,0 +1,145 @@
+"""``stage=preference`` and ``stage=grpo`` through the real CLI on the demo's models: the preference model
+tells clean from degraded audio, a killed GRPO run resumes onto the same curve, prompts come from a JSONL
+whose clips must lie beside it, and what cannot work is refused with a sentence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from data_pipeline.demo_corpus import synthesize
+from s2train.rl.preference import PreferenceScorer, degrade, read_pairs
+from tests.conftest import kill_when, read_jsonl, run_cli
+
+TIMING = ("rollout_s", "score_s", "update_s")
+
+
+def _grpo_args(demo_root, run_dir, *extra: str) -> list[str]:
+    return [
+        "experiment=demo",
+        "stage=grpo",
+        f"run_root={demo_root}",
+        f"run_dir={run_dir}",
+        "grpo.train.progress=false",
+        "grpo.prompts_per_step=2",
+        "grpo.group_size=3",
+        "grpo.heldout_prompts=2",
+        "grpo.eval_samples=2",
+        "grpo.max_new_tokens=40",
+        "grpo.train.threads=1",
+        *extra,
+    ]
+
+
+def _untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_the_preference_model_scores_clean_speech_above_its_degraded_copies(demo_root, tmp_path):
+    run_cli(
+        "experiment=demo",
+        "stage=preference",
+        f"run_root={demo_root}",
+        f"run_dir={tmp_path}",
+        "preference.max_steps=150",
+        "preference.progress=false",
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["pairs"] == 4 * (results["pairs"] // 4)  # every clip with each of the four degradations
+    assert results["heldout_pairs"] >= 8 and results["heldout_accuracy"] >= 0.8, results
+    assert (tmp_path / "loss_curve.png").is_file()
+    scorer = PreferenceScorer.open(tmp_path)
+    clean = synthesize("rms", "The library opened at nine and closes only on Fridays.", 16000)
+    rng = np.random.default_rng(0)
+    worse = [degrade(clean, kind, rng) for kind in ("noise", "clipping", "stretch")]
+    scores = scorer.score([clean, *worse])
+    assert (scores[0] > scores[1:]).all(), scores
+
+
+def test_preference_pairs_must_lie_beside_their_file(tmp_path):
+    wav = synthesize("awb", "One two three.", 16000)
+    sf.write(tmp_path / "a.wav", wav, 16000)
+    sf.write(tmp_path / "b.wav", 0.1 * wav, 16000)
+    good = tmp_path / "pairs.jsonl"
+    good.write_text(json.dumps({"a": "a.wav", "b": "b.wav", "preferred": "b"}) + "\n")
+    [(a, b, preferred, _)] = read_pairs(str(good))
+    assert preferred == 1 and np.allclose(b, 0.1 * a, atol=1e-3)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"a": "../../etc/passwd", "b": "b.wav", "preferred": "a"}) + "\n")
+    with pytest.raises(ValueError, match="outside"):
+        read_pairs(str(bad))
+    bad.write_text('{"a": "a.wav", "preferred": "c"}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        read_pairs(str(bad))
+
+
+def test_a_killed_grpo_run_resumes_onto_the_uninterrupted_curve(demo_root, tmp_path):
+    steps = ["grpo.train.max_steps=4", "grpo.train.checkpoint_every=2", "grpo.eval_every=2"]
+    run_cli(*_grpo_args(demo_root, tmp_path / "whole", *steps))
+    whole = read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+    assert [r["step"] for r in whole] == [1, 2, 3, 4]
+    assert all(r["logprob_gap"] < 1e-4 for r in whole)  # the rollouts' log-probs are the trainer's
+    assert any(r["kl"] > 0 for r in whole[1:])  # the policy moved away from the frozen start
+    killed = tmp_path / "killed"
+    kill_when(_grpo_args(demo_root, killed, *steps), (killed / "checkpoints" / "step-000002.ckpt").exists)
+    run_cli(*_grpo_args(demo_root, killed, *steps))
+    results = json.loads((killed / "results.json").read_text())
+    assert results["resumed_from_step"] == 2 and results["steps"] == 4
+    assert _untimed(read_jsonl(killed / "metrics.jsonl")) == _untimed(whole)
+    assert read_jsonl(killed / "heldout.jsonl") == read_jsonl(tmp_path / "whole" / "heldout.jsonl")
+    assert results["heldout_evaluations"] == 3  # before, after step 2, after step 4
+
+
+def test_grpo_prompts_from_a_jsonl_with_a_cloned_voice_and_a_caption(demo_root, tmp_path):
+    clips = tmp_path / "prompts"
+    clips.mkdir()
+    voice = synthesize("slt", "She found our keys under the blue chair.", 16000)
+    sf.write(clips / "slt.wav", voice, 16000)
+    rows = [
+        {
+            "id": f"p{i}",
+            "text": text,
+            "reference_audio": "slt.wav",
+            "reference_text": "She found our keys under the blue chair.",
+        }
+        for i, text in enumerate(
+            [
+                "The morning train was late again.",
+                "Please put the green box down.",
+                "It started to rain.",
+                "We need more paper.",
+            ]
+        )
+    ]
+    rows.append({"id": "c", "text": "A cold wind came down.", "caption": "A female speaker at a slow pace."})
+    (clips / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_cli(
+        *_grpo_args(
+            demo_root,
+            tmp_path / "run",
+            "grpo.train.max_steps=1",
+            f"grpo.prompts={clips / 'prompts.jsonl'}",
+            "grpo.rewards.weights={sim: 1.0, instruction: 0.5}",
+        )
+    )
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train_prompts"] + results["heldout_prompts"] == 5
+    held = read_jsonl(tmp_path / "run" / "heldout.jsonl")
+    assert all(r["raw_sim"] is None or -1 <= r["raw_sim"] <= 1 for r in held)
+    (tmp_path / "other").mkdir()
+    outside = tmp_path / "other" / "elsewhere.jsonl"  # its clip lies in another folder
+    outside.write_text(
+        json.dumps({"text": "Hi.", "reference_audio": str(clips / "slt.wav"), "reference_text": "x"}) + "\n"
+    )
+    failed = run_cli(*_grpo_args(demo_root, tmp_path / "bad", f"grpo.prompts={outside}"), check=False)
+    assert failed.returncode != 0 and "allowed folders" in failed.stderr
+
+
+def test_grpo_refuses_zero3_and_settings_that_cannot_work(demo_root, tmp_path):
+    failed = run_cli(*_grpo_args(demo_root, tmp_path / "a", "strategy=deepspeed_zero3"), check=False)
+    assert failed.returncode != 0 and "ZeRO-3" in failed.stderr
+    failed = run_cli(*_grpo_args(demo_root, tmp_path / "b", "grpo.group_size=1"), check=False)
+    assert failed.returncode != 0 and "group_size must be at least 2" in failed.stderr
