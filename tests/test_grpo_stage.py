@@ -143,3 +143,47 @@ def test_grpo_refuses_zero3_and_settings_that_cannot_work(demo_root, tmp_path):
     assert failed.returncode != 0 and "ZeRO-3" in failed.stderr
     failed = run_cli(*_grpo_args(demo_root, tmp_path / "b", "grpo.group_size=1"), check=False)
     assert failed.returncode != 0 and "group_size must be at least 2" in failed.stderr
+
+
+def test_every_preference_encoder_loads_from_its_local_format(codec_file, tmp_path):
+    """The codec's encoder, WavLM from a SIM checkpoint and whisper's encoder, each from a tiny random file
+    in its real on-disk format: pooled features of the clip's length, and a scorer that reopens them."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+    from whisper.model import ModelDimensions, Whisper
+
+    from s2train.judges.sim_wavlm import TINY_ARCH, build_sim_model, save_checkpoint
+    from s2train.rl.preference import FrameEncoder, Scorer
+
+    torch.manual_seed(0)
+    wavlm = tmp_path / "wavlm_large_finetune.pth"
+    save_checkpoint(build_sim_model(**TINY_ARCH).state_dict(), wavlm)
+    dims = ModelDimensions(80, 1500, 32, 2, 1, 51865, 64, 32, 2, 1)
+    model = Whisper(dims)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.02)
+    whisper_pt = tmp_path / "tiny.pt"
+    torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": model.state_dict()}, whisper_pt)
+    rng = np.random.default_rng(0)
+    clips = [
+        0.1 * rng.standard_normal(16000).astype(np.float32),
+        0.1 * rng.standard_normal(24000).astype(np.float32),
+    ]
+    for kind, path in (("codec", codec_file), ("wavlm", wavlm), ("whisper", whisper_pt)):
+        encoder = FrameEncoder(kind, str(path))
+        features = encoder.features(clips)
+        assert features.shape[0] == 2 and torch.isfinite(features).all(), kind
+        assert not torch.allclose(features[0], features[1]), kind
+        folder = tmp_path / kind
+        folder.mkdir()
+        scorer = Scorer(features.shape[1], 8)
+        save_file(scorer.state_dict(), str(folder / "preference.safetensors"))
+        info = {"encoder": kind, "encoder_path": str(path), "dim": features.shape[1], "hidden": 8}
+        (folder / "preference.json").write_text(json.dumps(info))
+        expected = scorer(features).detach().numpy()
+        np.testing.assert_allclose(PreferenceScorer.open(folder).score(clips), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="wavlm_large_finetune.pth"):
+        FrameEncoder("wavlm", str(tmp_path / "missing.pth"))

@@ -8,7 +8,8 @@ the checkpoint). Encoders (``preference.encoder``):
 
 - ``codec``: the encoder of an s2train codec (``preference.encoder_path``, default ``tokenize.codec``),
   the latent before quantisation;
-- ``wavlm``: a Hugging Face WavLM folder on disk (``transformers.WavLMModel``), its last hidden state;
+- ``wavlm``: WavLM-Large from a local ``wavlm_large_finetune.pth`` (the checkpoint of Seed-TTS-Eval's SIM,
+  ``s2train.judges.sim_wavlm``), its last hidden state;
 - ``whisper``: an openai-whisper checkpoint file, its audio encoder over the 30 s log-mel window, cut to
   the clip's frames.
 
@@ -28,7 +29,7 @@ Outputs: ``preference.safetensors`` + ``preference.json`` (what ``PreferenceScor
 
     python -m s2train experiment=demo stage=preference
     python -m s2train stage=preference name=mine preference.pairs=/data/prefs.jsonl \\
-        preference.encoder=wavlm preference.encoder_path=/models/wavlm-base-plus
+        preference.encoder=wavlm preference.encoder_path=/models/wavlm_large_finetune.pth
 """
 
 from __future__ import annotations
@@ -111,13 +112,14 @@ class FrameEncoder:
             self.codec, self.path = open_codec(path, key="preference.encoder_path")
             self.codec.eval()
         elif kind == "wavlm":
-            if not path or not Path(path).is_dir():
+            if not path or not Path(path).is_file():
                 raise ValueError(
-                    f"preference.encoder=wavlm needs preference.encoder_path, a WavLM folder; got {path!r}"
+                    "preference.encoder=wavlm needs preference.encoder_path, a local wavlm_large_finetune.pth "
+                    f"(Seed-TTS-Eval's SIM checkpoint, which holds WavLM-Large); got {path!r}"
                 )
-            from transformers import WavLMModel
+            from s2train.judges.sim_wavlm import WavLMEcapaSim
 
-            self.wavlm = WavLMModel.from_pretrained(path).eval()
+            self.wavlm = WavLMEcapaSim(path).model.feature_extract
         else:
             if not path or not Path(path).is_file():
                 raise ValueError(
@@ -136,7 +138,7 @@ class FrameEncoder:
             latent = self.codec.encoder(self.codec._padded_batch(audio))  # (1, D', T)
             return latent[0].t()
         if self.kind == "wavlm":
-            return self.wavlm(wav[None]).last_hidden_state[0]
+            return self.wavlm(wav[None])[-1][0]  # the encoder's output after its final layer norm
         import whisper
 
         mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(wav), self.whisper.dims.n_mels)
