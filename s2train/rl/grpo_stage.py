@@ -639,8 +639,14 @@ def plot_rewards(metrics: list[dict], heldout: list[dict], out: Path, title: str
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
     evals = sorted({r["step"] for r in heldout})
-    right.plot(
-        evals, [np.mean([r["total"] for r in heldout if r["step"] == s]) for s in evals], "o-", label="total"
+    values = [[r["total"] for r in heldout if r["step"] == s] for s in evals]
+    right.errorbar(
+        evals,
+        [np.mean(v) for v in values],
+        yerr=[np.std(v, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0 for v in values],
+        fmt="o-",
+        capsize=3,
+        label="total (mean, standard error)",
     )
     right.set_xlabel("step")
     right.set_ylabel("mean total reward")
@@ -662,6 +668,11 @@ def run(cfg: S2Config) -> dict | None:
         raise ValueError(
             "stage=grpo generates its rollouts with the trainer's own weights, which ZeRO-3 partitions across "
             "ranks: use strategy=ddp or deepspeed_zero2"
+        )
+    if g.train.devices * g.train.num_nodes > 1 and g.updates_per_step > 1:
+        raise ValueError(
+            "several ranks update once a step: DDP averages one backward pass per step, so "
+            f"grpo.epochs * grpo.minibatches must be 1 there, not {g.updates_per_step}"
         )
     init = stage_input(cfg, "sft", g.init)
     model, release = open_dual_ar(init, dtype=torch.float32, key="grpo.init")
