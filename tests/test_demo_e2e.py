@@ -101,11 +101,11 @@ def test_demo_trains_a_preference_model_and_aligns_the_sft_model_with_grpo(demo_
     assert 0 <= preference["heldout_accuracy"] <= 1
     grpo = _results(demo_root, "grpo")
     assert grpo["steps"] == 2 and grpo["init"] == str(demo_root / "demo" / "sft")
-    assert grpo["rewards"] == {"preference": 1.0, "sim": 0.5} and grpo["heldout_judge"] == "dnsmos"
+    assert grpo["rewards"] == {"dnsmos": 1.0, "sim": 0.5} and grpo["heldout_judge"] == "wer"
     assert grpo["heldout_evaluations"] == 2 and len(grpo["heldout_reward_change_ci95"]) == 2
     rows = read_jsonl(demo_root / "demo" / "grpo" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
-        assert 0 <= row["reward/preference"] <= 1 and row["logprob_gap"] < 1e-4
+        assert 0 <= row["reward/dnsmos"] <= 1 and row["logprob_gap"] < 1e-4
         assert row["rollout_s"] > 0 and row["score_s"] > 0 and row["update_s"] > 0
     assert (demo_root / "demo" / "grpo" / "reward_curve.png").is_file()

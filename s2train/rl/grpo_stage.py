@@ -740,7 +740,7 @@ def run(cfg: S2Config) -> dict | None:
         "resumed_from_step": resume.step // updates,
         "train_prompts": len(train),
         "heldout_prompts": len(heldout),
-        "rewards": dict(g.rewards.weights),
+        "rewards": {k: w for k, w in g.rewards.weights.items() if w > 0},
         "heldout_judge": g.heldout_judge,
         "train_wall_s": round(train_s, 2),
         **timing,

@@ -105,11 +105,11 @@ class FrameEncoder:
     """A frozen speech encoder: 16 kHz clip -> frames (T, D')."""
 
     def __init__(self, kind: str, path: str | None):
-        self.kind, self.path = kind, path
+        self.kind, self.path = kind, str(Path(path).resolve()) if path else None
         if kind == "codec":
             from s2train.checkpoints import open_codec
 
-            self.codec, self.path = open_codec(path, key="preference.encoder_path")
+            self.codec, _ = open_codec(path, key="preference.encoder_path")
             self.codec.eval()
         elif kind == "wavlm":
             if not path or not Path(path).is_file():

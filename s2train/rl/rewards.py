@@ -283,7 +283,7 @@ class PreferenceReward:
 
 
 def build_rewards(cfg: RewardsConfig, names: Sequence[str] | None = None) -> dict[str, Callable]:
-    """``name -> reward(scoring, cfg) -> (score, raw)`` for ``names`` (default: the weighted ones)."""
+    """``name -> reward(scoring, cfg) -> (score, raw)`` for ``names`` (default: those of positive weight)."""
     table: dict[str, Callable] = {
         "wer": wer_reward,
         "sim": sim_reward,
@@ -291,7 +291,7 @@ def build_rewards(cfg: RewardsConfig, names: Sequence[str] | None = None) -> dic
         "dnsmos": dnsmos_reward,
     }
     out = {}
-    for name in names if names is not None else list(cfg.weights):
+    for name in names if names is not None else [k for k, w in cfg.weights.items() if w > 0]:
         if name == "preference":
             out[name] = PreferenceReward(cfg)
         elif name in table:
