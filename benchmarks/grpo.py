@@ -56,7 +56,11 @@ def rollouts(model_dir: Path, prompts: int, group: int, max_new: int) -> dict:
     started = time.perf_counter()
     naive = [
         generate_naive(
-            model, c.prompt, im_end_id=im_end, max_new_tokens=max_new, sampling=sampling,
+            model,
+            c.prompt,
+            im_end_id=im_end,
+            max_new_tokens=max_new,
+            sampling=sampling,
             generator=torch.Generator().manual_seed(seed),
         )
         for c, seed in zip(ours, [_seed(c) for c in ours])
@@ -83,10 +87,22 @@ def _seed(candidate) -> int:
 def step_shares(run_root: Path, steps: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "s2train", "experiment=demo", "stage=grpo", f"run_root={run_root}",
-             f"run_dir={tmp}/grpo", f"grpo.train.max_steps={steps}", "grpo.train.progress=false",
-             f"grpo.train.threads={threads}", "grpo.eval_every=1000"],
-            cwd=ROOT, check=True, capture_output=True,
+            [
+                sys.executable,
+                "-m",
+                "s2train",
+                "experiment=demo",
+                "stage=grpo",
+                f"run_root={run_root}",
+                f"run_dir={tmp}/grpo",
+                f"grpo.train.max_steps={steps}",
+                "grpo.train.progress=false",
+                f"grpo.train.threads={threads}",
+                "grpo.eval_every=1000",
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
         )
         rows = [json.loads(line) for line in (Path(tmp) / "grpo" / "metrics.jsonl").read_text().splitlines()]
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("rollout_s", "score_s", "update_s")}
@@ -100,7 +116,9 @@ def step_shares(run_root: Path, steps: int, threads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run-root", type=Path, default=ROOT / "runs")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=8)
@@ -111,7 +129,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model_dir = args.run_root / "demo" / "sft"
     if not (model_dir / "model.json").is_file():
-        raise SystemExit(f"{model_dir} has no model: run python -m s2train experiment=demo run_root={args.run_root}")
+        raise SystemExit(
+            f"{model_dir} has no model: run python -m s2train experiment=demo run_root={args.run_root}"
+        )
     out = {
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,

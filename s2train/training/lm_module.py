@@ -269,7 +269,10 @@ def read_losses(path: Path) -> list[dict]:
 
 
 def plot_losses(
-    rows: list[dict], out: Path, title: str, names: tuple[str, ...] = ("loss/total", "loss/slow", "loss/fast"),
+    rows: list[dict],
+    out: Path,
+    title: str,
+    names: tuple[str, ...] = ("loss/total", "loss/slow", "loss/fast"),
     ylabel: str = "cross-entropy (nats)",
 ) -> None:
     """``names`` (default ``loss/total``, ``loss/slow`` and ``loss/fast``) against the step, as a .png;
