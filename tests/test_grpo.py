@@ -30,16 +30,9 @@ from s2train.rl.rollout import (
 )
 from s2train.text.prompt import Reference
 from s2train.text.tokenizer import ByteTokenizer
+from tests.test_engine import one_thread  # noqa: F401  (autouse: decode the tiny model on one thread)
 
 IM_END = 258  # ByteTokenizer(4, 64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

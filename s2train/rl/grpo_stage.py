@@ -81,7 +81,7 @@ from s2train.rl.rollout import (
     rollout_logprobs,
     token_logprobs,
 )
-from s2train.runs import stage_input
+from s2train.runs import jsonl_lines, stage_input
 from s2train.text.prompt import Reference
 from s2train.text.tokenizer import TextTokenizer, model_tokenizer
 from s2train.training.lm_module import LMTrainConfig, parameter_groups, read_losses, warmup_cosine
@@ -182,20 +182,14 @@ def prompts_from_jsonl(path: Path, codec) -> list[RolloutPrompt]:
 
     folder = path.parent.resolve()
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {n}: not JSON ({error.msg})") from error
+    for n, where, row in jsonl_lines(path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise ValueError(f'{path} line {n}: a prompt is an object with a non-empty "text"')
+            raise ValueError(f'{where}: a prompt is an object with a non-empty "text"')
         key = str(row.get("id", f"line-{n}"))
         references, audio = [], None
         if row.get("reference_audio"):
             if not row.get("reference_text"):
-                raise ValueError(f"{path} line {n}: reference_audio needs its reference_text")
+                raise ValueError(f"{where}: reference_audio needs its reference_text")
             clip = resolve_reference(row["reference_audio"], folder, [folder], key)
             references = [Reference(row["reference_text"], read_reference(clip, codec))]
             wav, rate = sf.read(clip, dtype="float32", always_2d=True)

@@ -244,6 +244,8 @@ def read_pairs(spec: str) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
     (each pair its own group)."""
     import soundfile as sf
 
+    from s2train.runs import jsonl_lines
+
     path = Path(spec)
     out = []
     if path.is_dir():
@@ -263,15 +265,9 @@ def read_pairs(spec: str) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
         return out
     if not path.is_file():
         raise ValueError(f"preference.pairs={spec} is neither a pairs JSONL file nor a saved dataset folder")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {n}: not JSON ({error.msg})") from error
+    for n, where, row in jsonl_lines(path):
         if not isinstance(row, dict) or row.get("preferred") not in ("a", "b") or not {"a", "b"} <= set(row):
-            raise ValueError(f'{path} line {n}: expected {{"a": wav, "b": wav, "preferred": "a" or "b"}}')
+            raise ValueError(f'{where}: expected {{"a": wav, "b": wav, "preferred": "a" or "b"}}')
         clips = []
         for key in "ab":
             wav, rate = sf.read(_inside(path.parent, row[key]), dtype="float32", always_2d=True)
