@@ -64,13 +64,17 @@ def test_demo_sft_tunes_the_pretrained_model(demo_root):
 
 
 def test_demo_sentence_files_are_kept_with_their_transcripts(demo_root, truth):
-    manifest = {m["source"]: m for m in read_jsonl(demo_root / "demo" / "clean" / "manifest.jsonl")}
+    segments: dict[str, list[dict]] = {}
+    for m in read_jsonl(demo_root / "demo" / "clean" / "manifest.jsonl"):
+        segments.setdefault(m["source"], []).append(m)
     files = [name for name, row in truth.items() if row["kind"] == "sentence"]
     assert len(files) == 4 * 3  # four voices, three sentences each in the shortened demo
-    kept = [name for name in files if name in manifest]
-    assert len(kept) >= 0.75 * len(files)
-    for name in kept:  # one segment each, with the transcript the corpus knows
-        assert manifest[name]["text"] == truth[name]["sentences"][0]["text"]
+    # one segment each, with the transcript the corpus knows (the speaker-change check may still cut a
+    # slowed-down flite sentence in two, whose parts then carry the ASR's words)
+    whole = [name for name in files if len(segments.get(name, [])) == 1]
+    assert len(whole) >= 0.75 * len(files)
+    for name in whole:
+        assert segments[name][0]["text"] == truth[name]["sentences"][0]["text"]
 
 
 def test_demo_report_measures_the_demo_model(demo_root):
