@@ -28,5 +28,5 @@ def test_demo_codec_keeps_heldout_speech_intelligible(tmp_path):
     )
     results = json.loads((tmp_path / "demo" / "codec" / "results.json").read_text())
     assert results["wer_utterances"] >= 8, results  # twelve held out, most of them English sentences
-    assert results["wer_delta"] <= 15, results  # 13.6 measured
-    assert results["heldout_mel_distance"] < 0.2, results  # 0.150 measured
+    assert results["wer_delta"] <= 15, results  # 13.6 measured on the 80-file corpus, 15.8 on the 64-file one
+    assert results["heldout_mel_distance"] < 0.2, results  # 0.151 measured
