@@ -167,3 +167,14 @@ def test_reward_settings_are_checked():
         build_rewards(RewardsConfig(weights={"preference": 1.0}))
     with pytest.raises(ValueError, match="unknown guards"):
         GuardConfig(enabled=["length"])
+
+
+def test_a_guard_leaves_a_reward_that_does_not_apply_unset(judges, speech):
+    prompts = [RolloutPrompt("a", TEXT), RolloutPrompt("b", TEXT)]  # no reference: sim does not apply
+    s = _scoring(judges, [speech["awb"], speech["awb"]], prompts, stopped=[True, False])
+    scores = score_candidates(
+        build_rewards(RewardsConfig(weights={"wer": 1.0, "sim": 1.0})), RewardsConfig(), GuardConfig(), s
+    )
+    assert scores.guards == [[], ["no_end"]]
+    assert scores.components["wer"][0] > 0.5 and scores.components["wer"][1] == 0.0
+    assert np.isnan(scores.components["sim"]).all()  # not a 0 that would read as a failed voice

@@ -96,7 +96,7 @@ def combine_rewards(
 def k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """The k3 estimator of KL(policy || reference) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
     diff = ref_logp - logp
-    return torch.exp(diff) - diff - 1
+    return torch.expm1(diff) - diff  # expm1: exp(d) - 1 - d keeps its precision for small d
 
 
 def clipped_surrogate(

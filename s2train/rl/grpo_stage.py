@@ -509,15 +509,14 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ held out
 
     def on_train_start(self) -> None:
+        """Cut the records back to the checkpoint's step: a resumed run has the rows up to it (the
+        evaluation of that step included); a run that starts from scratch, none (it evaluates step 0)."""
+        step = self.global_step // self.g.updates_per_step
         if self.trainer.is_global_zero:
             for name in ("metrics.jsonl", "heldout.jsonl"):
                 path = self.run_dir / name
                 if path.exists():
-                    kept = [
-                        r
-                        for r in read_losses(path)
-                        if r["step"] <= self.global_step // self.g.updates_per_step
-                    ]
+                    kept = [r for r in read_losses(path) if step > 0 and r["step"] <= step]
                     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if self.global_step == 0:
             self.evaluate(0)

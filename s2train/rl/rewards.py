@@ -23,8 +23,8 @@ once on first use) and returns ``(score, raw)`` arrays:
 A NaN score (a reward that does not apply to that prompt) counts as the group's mean, so it moves no
 advantage.
 
-**Guards** (``guards``: each can be switched off): a candidate that fails one gets every score set to
-0, the minimum, whatever the judges thought of it, and the guard's name is logged:
+**Guards** (``guards``: each can be switched off): a candidate that fails one gets every score that
+applies to it set to 0, the minimum, whatever the judges thought of it, and the guard's name is logged:
 
 - ``duration``: the audio's length against the text's syllables, outside
   ``[syllables / max_syllable_rate, syllables / min_syllable_rate + 1 s]``;
@@ -349,7 +349,10 @@ def score_candidates(
     for i, names in enumerate(failed):
         if names:
             for values in components.values():
-                values[i] = 0.0
+                if not np.isnan(
+                    values[i]
+                ):  # a reward that does not apply stays so (logged means stay honest)
+                    values[i] = 0.0
     return Scores(components, raw, failed)
 
 
