@@ -682,11 +682,8 @@ def run(cfg: S2Config) -> dict | None:
             f"grpo.max_new_tokens={g.max_new_tokens} (of {len(prompts)}): too few for "
             f"grpo.heldout_prompts={g.heldout_prompts} and training"
         )
-    if not g.prompts:  # prompts from data are ordered by key hash: the first ones are held out
-        heldout, train = usable[: g.heldout_prompts], usable[g.heldout_prompts :]
-    else:
-        ranked = sorted(usable, key=lambda p: _key_rank(p.key, cfg.seed))
-        heldout, train = ranked[: g.heldout_prompts], ranked[g.heldout_prompts :]
+    ranked = sorted(usable, key=lambda p: _key_rank(p.key, cfg.seed))  # the first by key hash are held out
+    heldout, train = ranked[: g.heldout_prompts], ranked[g.heldout_prompts :]
 
     t = g.train
     updates = g.updates_per_step
