@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs what s2train and its tests need on a fresh Debian machine: the speech synthesisers the demo
-# corpus uses, then torch, then this package with its development tools. Safe to run again.
+# corpus uses (flite, espeak-ng, festival), then torch, then this package with its development tools. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")"
 SUDO=""
 if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO="sudo"; fi
 
-if ! command -v flite >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null; then
+# festival with its American English diphone voice speaks the demo's fine-tuning voice (one the models never hear)
+if ! command -v flite >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null \
+  || ! command -v text2wave >/dev/null || [ ! -d /usr/share/festival/voices/english/ked_diphone ]; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends flite espeak-ng ffmpeg git >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    flite espeak-ng ffmpeg festival festvox-kdlpc16k git >/dev/null
 fi
 
 PIP="python -m pip"

@@ -86,6 +86,15 @@ VOICES = {
 }
 
 
+# Voices the demo's models never hear in training: the fine-tuning demo learns one of them from a folder
+FINETUNE_VOICES = {"ked": ("festival", "ked_diphone", "en")}  # festival's American English male diphones
+# The sentences the demo model learnt in other voices (demo_corpus.sentences_per_voice in experiment=demo):
+# a model of 64 sentence files speaks those, not English, so the new voice says them too
+FINETUNE_SENTENCES = 16
+FINETUNE_STRETCHES = (1.0, 0.85, 1.2)  # each sentence three times, at three speaking rates
+FINETUNE_HELDOUT = 6  # the first sentences once only, held out of fine-tuning
+
+
 def sentences(lang: str) -> list[str]:
     return [
         s.strip() for s in (SENTENCES / f"{lang}.txt").read_text(encoding="utf-8").splitlines() if s.strip()
@@ -107,10 +116,14 @@ def check_tools() -> None:
 def synthesize(speaker: str, text: str, sample_rate: int, stretch: float = 1.0) -> np.ndarray:
     """One sentence from the speaker's engine, mono float32 at ``sample_rate``; ``stretch`` > 1 speaks
     slower (flite's duration_stretch, espeak-ng's words per minute)."""
-    engine, voice, _ = VOICES[speaker]
+    engine, voice, _ = VOICES[speaker] if speaker in VOICES else FINETUNE_VOICES[speaker]
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "s.wav"
-        if engine == "flite":
+        if engine == "festival":
+            (Path(tmp) / "s.txt").write_text(text, encoding="utf-8")
+            setup = f"(begin (voice_{voice}) (Parameter.set 'Duration_Stretch {stretch}))"
+            cmd = ["text2wave", "-eval", setup, str(Path(tmp) / "s.txt"), "-o", str(wav)]
+        elif engine == "flite":
             cmd = [
                 "flite",
                 "-voice",
@@ -483,6 +496,56 @@ def write_seedtts_set(out: Path, sample_rate: int) -> Path:
     return meta
 
 
+def write_voice_folder(out: Path, sample_rate: int, voice: str = "ked") -> Path:
+    """A folder of one voice the demo never trains on, as a user brings one to ``stage=finetune``: the
+    first ``FINETUNE_SENTENCES`` English sentences as ``<voice>-sNN-rK.wav`` (K: the speaking rate of
+    ``FINETUNE_STRETCHES``; the first ``FINETUNE_HELDOUT`` sentences at the normal rate only) with the
+    transcript in ``.txt`` beside each (the last file has none: the ASR judge writes it), and two files no
+    one can train on: ``broken.wav`` (not audio) and ``silence.wav`` (no speech)."""
+    if shutil.which("text2wave") is None:
+        raise ValueError(
+            "the demo's fine-tuning voice needs festival: apt-get install festival festvox-kdlpc16k"
+        )
+    texts = sentences("en")[:FINETUNE_SENTENCES]
+    stamp = hashlib.sha256(
+        json.dumps([texts, voice, FINETUNE_STRETCHES, FINETUNE_HELDOUT, sample_rate]).encode()
+    )
+    fingerprint = out / "fingerprint.txt"
+    if fingerprint.is_file() and fingerprint.read_text() == stamp.hexdigest()[:16]:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    files = [
+        (i, k, stretch)
+        for i in range(len(texts))
+        for k, stretch in enumerate(FINETUNE_STRETCHES)
+        if i >= FINETUNE_HELDOUT or k == 0
+    ]
+    rng = np.random.default_rng(7)
+    for n, (i, k, stretch) in enumerate(files):
+        name = f"{voice}-s{i:02d}-r{k}"
+        audio = synthesize(voice, texts[i], sample_rate, stretch)
+        audio = np.concatenate(
+            [np.zeros(sample_rate // 4, np.float32), audio, np.zeros(sample_rate // 4, np.float32)]
+        )
+        sf.write(
+            out / f"{name}.wav",
+            audio + (rng.standard_normal(len(audio)) * NOISE_FLOOR).astype(np.float32),
+            sample_rate,
+        )
+        if n < len(files) - 1:
+            (out / f"{name}.txt").write_text(texts[i] + "\n", encoding="utf-8")
+    (out / "broken.wav").write_bytes(b"RIFF, but no audio: a file that did not finish copying\n")
+    sf.write(
+        out / "silence.wav",
+        (rng.standard_normal(3 * sample_rate) * NOISE_FLOOR).astype(np.float32),
+        sample_rate,
+    )
+    write_text_atomic(fingerprint, stamp.hexdigest()[:16])  # last: the folder is whole
+    return out
+
+
 def run(cfg: S2Config) -> dict:
     check_tools()
     out = Path(cfg.run_dir) / "corpus"
@@ -513,9 +576,11 @@ def run(cfg: S2Config) -> dict:
         json.loads((out / "quality_calibration.json").read_text()) if cfg.demo_corpus.calibrate else {}
     )
     seedtts_meta = write_seedtts_set(Path(cfg.run_dir) / "seedtts", cfg.demo_corpus.sample_rate)
+    voice = write_voice_folder(Path(cfg.run_dir) / "voice", cfg.demo_corpus.sample_rate)
     return {
         "corpus": str(out),
         "seedtts_meta": str(seedtts_meta),
+        "finetune_voice": str(voice),
         "recordings": len(truth),
         "good": sum(t["kind"] == "good" for t in truth),
         "bad": sum(t["kind"] == "bad" for t in truth),

@@ -6,7 +6,8 @@ speaker, transcript), without decoding anything while the list is built.
 
 - folder: every file under ``data.path`` whose extension is in ``data.extensions``; an optional
   ``metadata.jsonl`` (Hugging Face audiofolder style: ``file_name`` plus ``lang``/``language``,
-  ``speaker``, ``text``) adds what the folder knows.
+  ``speaker``, ``text``) adds what the folder knows, and a ``.txt`` or ``.lab`` file beside a recording
+  (``a.wav`` + ``a.txt``) is its transcript where the metadata gives none.
 - hf: ``datasets.load_from_disk(data.path)`` (a Dataset or every split of a DatasetDict); the audio
   column is read undecoded (bytes or path) or as an already decoded array.
 - webdataset: ``data.path`` is a .tar, a folder of .tar or a glob; a sample is the members sharing a
@@ -18,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import tarfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,6 +41,7 @@ class DataConfig:
     )
     audio_column: str = "audio"  # hf: the column of audio (decoded or not)
     lang: str | None = None  # language of every file when the source does not say
+    speaker: str | None = None  # speaker of every file when the source does not say (None: one per file)
     partition: int = 0  # this process's share: partition i of num_partitions
     num_partitions: int = 1
 
@@ -72,6 +75,7 @@ def list_items(cfg: DataConfig) -> list[SourceItem]:
     items = lister(cfg)
     for item in items:
         item.lang = item.lang or cfg.lang
+        item.speaker = item.speaker or cfg.speaker
     return items
 
 
@@ -111,16 +115,36 @@ def _folder_items(cfg: DataConfig) -> list[SourceItem]:
         for p in root.rglob("*")
         if (p.is_file() or (p.is_symlink() and not p.exists())) and p.suffix.lower().lstrip(".") in extensions
     )
-    return [
-        SourceItem(
-            source=(rel := printable(p.relative_to(root).as_posix())),
+    items = []
+    for p in files:
+        rel = printable(p.relative_to(root).as_posix())
+        item = SourceItem(
+            source=rel,
             open=lambda p=p: SoundFileReader(p),
             version=_version(p),
             location=str(p),
             **metadata.get(rel, {}),
         )
-        for p in files
-    ]
+        if not item.text and (side := _sidecar(p)) is not None:
+            item.text = _sidecar_text(side)
+            item.version += f"+{_version(side)}"  # an edited transcript is a new input
+        items.append(item)
+    return items
+
+
+def _sidecar(audio: Path) -> Path | None:
+    """``<name>.txt`` or ``<name>.lab`` beside a recording, if there is one."""
+    return next((side for s in (".txt", ".lab") if (side := audio.with_suffix(s)).is_file()), None)
+
+
+def _sidecar_text(side: Path) -> str | None:
+    """A transcript file's words (whitespace joined); None, with a warning, when it cannot be read as
+    UTF-8 text: the recording is then transcribed by the ASR judge like one without a transcript."""
+    try:
+        return " ".join(side.read_text(encoding="utf-8").split()) or None
+    except (OSError, UnicodeDecodeError) as error:
+        warnings.warn(f"ignoring the transcript {side}: {error}", stacklevel=2)
+        return None
 
 
 def _version(path: Path) -> str:

@@ -35,6 +35,7 @@ from s2train.rl.grpo_stage import GRPOConfig
 from s2train.rl.preference import PreferenceConfig
 from s2train.text.tokenizer import TextConfig
 from s2train.training.codec_module import CodecTrainConfig
+from s2train.training.finetune_stage import FinetuneConfig
 from s2train.training.lm_data import LMDataConfig
 from s2train.training.lm_module import LMTrainConfig
 from s2train.training.sft_stage import SFTConfig
@@ -61,6 +62,7 @@ class S2Config:
     train: LMTrainConfig = field(default_factory=LMTrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)  # the `strategy` group
     sft: SFTConfig = field(default_factory=SFTConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

@@ -17,6 +17,7 @@ STAGES: dict[str, str] = {
     "codec": "s2train.training.codec_stage",
     "pretrain": "s2train.training.pretrain_stage",
     "sft": "s2train.training.sft_stage",
+    "finetune": "s2train.training.finetune_stage",
     "preference": "s2train.rl.preference",
     "grpo": "s2train.rl.grpo_stage",
     "synthesize": "s2train.inference.synthesize_stage",

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from s2train.models.dual_ar import DualAR, DualARConfig
-from s2train.text.tokenizer import HFTokenizer
+from s2train.text.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 
 IM_END, PAD = "<|im_end|>", "<|pad|>"
 
@@ -65,6 +65,17 @@ def official_to_ours(key: str) -> str | None:
     if key.startswith("audio_decoder."):
         return "fast." + key.removeprefix("audio_decoder.")
     return None
+
+
+def ours_to_official(key: str) -> str:
+    """One key of ``DualAR.state_dict()`` -> its official name (the inverse of ``official_to_ours``)."""
+    if key.startswith("slow.codebook_embeddings."):
+        return "audio_decoder." + key.removeprefix("slow.")
+    if key.startswith("slow."):
+        return "text_model.model." + key.removeprefix("slow.")
+    if key.startswith("fast."):
+        return "audio_decoder." + key.removeprefix("fast.")
+    raise ValueError(f"{key} is not a key of s2train's Dual-AR model")
 
 
 def require_fish_qwen3_omni(cfg: dict[str, Any], where: str) -> None:
@@ -247,3 +258,123 @@ def load_fish_dual_ar(
         weight_files=files,
     )
     return model.to(device).eval(), info
+
+
+# -------------------------------------------------------------------------------------------- export
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def check_exportable(config: DualARConfig) -> None:
+    """Refuse a model the released layout cannot describe: upstream builds every ``fish_qwen3_omni``
+    model with bf16-rounded RoPE tables, scaled codebook embeddings and one shared fast table and head."""
+    forced = {
+        "rope_table_dtype": "bfloat16",
+        "scale_codebook_embeddings": True,
+        "fast_shared_embeddings": True,
+        "fast_shared_head": True,
+    }
+    differ = {k: getattr(config, k) for k, v in forced.items() if getattr(config, k) != v}
+    if differ:
+        wanted = ", ".join(f"{k}={forced[k]}" for k in differ)
+        raise ValueError(
+            f"this model cannot be written in the released S2 Pro layout, which always builds {wanted}; "
+            f"the model has {differ} (a model trained with these settings keeps our format)"
+        )
+
+
+def fish_config(config: DualARConfig, tokenizer: TextTokenizer) -> dict[str, Any]:
+    """The ``config.json`` of a ``fish_qwen3_omni`` folder for ``config`` (what ``dual_ar_config_from_fish``
+    reads, plus the ids upstream records at the top level)."""
+
+    def part(prefix: str, model_type: str) -> dict[str, Any]:
+        f = lambda name: getattr(config, prefix + name)  # noqa: E731
+        return {
+            "model_type": model_type,
+            "dim": f("dim"),
+            "n_layer": f("n_layers"),
+            "n_head": f("n_heads"),
+            "n_local_heads": f("n_kv_heads"),
+            "head_dim": f("head_dim"),
+            "intermediate_size": f("intermediate_size"),
+            "rope_base": config.rope_base,
+            "norm_eps": config.norm_eps,
+            "initializer_range": config.init_std,
+            "attention_qkv_bias": False,
+            "attention_o_bias": False,
+            "dropout": 0.0,
+            "use_moe": False,
+        }
+
+    def optional(name: str) -> int | None:
+        try:
+            return tokenizer.token_id(name)
+        except KeyError:
+            return None
+
+    text = {
+        **part("", "fish_qwen3"),
+        "vocab_size": config.vocab_size,
+        "attention_qk_norm": config.qk_norm,
+        "tie_word_embeddings": config.tie_embeddings,
+        "max_seq_len": config.max_seq_len,
+    }
+    audio = {
+        **part("fast_", "fish_qwen3_audio_decoder"),
+        "vocab_size": config.codebook_size,
+        "num_codebooks": config.num_codebooks,
+        "attention_qk_norm": config.fast_qk_norm,
+        "tie_word_embeddings": False,
+        "max_seq_len": config.num_codebooks + 1,
+        "text_dim": config.dim,
+    }
+    return {
+        "model_type": "fish_qwen3_omni",
+        "text_config": text,
+        "audio_decoder_config": audio,
+        "semantic_start_token_id": config.semantic_begin_id,
+        "semantic_end_token_id": config.semantic_end_id,
+        "eos_token_id": tokenizer.token_id(IM_END),
+        "pad_token_id": optional(PAD),
+        "audio_pad_token_id": optional("<|audio_pad|>"),
+        "dtype": "float32",
+    }
+
+
+def save_fish_dual_ar(
+    state: dict[str, torch.Tensor],
+    config: DualARConfig,
+    tokenizer: TextTokenizer,
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write our model (its ``state_dict`` and config) as a released ``fish_qwen3_omni`` folder:
+    ``config.json``, ``model.safetensors`` with the official key names (in ``dtype``; float32 keeps the
+    weights exact, bfloat16 is the release's own and halves the size) and the tokenizer files, so that
+    ``load_fish_dual_ar`` (and upstream's loader) builds the same model. A tied LM head is written once,
+    as the embeddings, as upstream stores it."""
+    check_exportable(config)
+    if (tokenizer.semantic_begin, tokenizer.semantic_end) != (
+        config.semantic_begin_id,
+        config.semantic_end_id,
+    ):
+        raise ValueError(
+            f"the tokenizer's semantic ids {tokenizer.semantic_begin}..{tokenizer.semantic_end} are not the "
+            f"model's {config.semantic_begin_id}..{config.semantic_end_id}"
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    official = {ours_to_official(k): v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    cfg = fish_config(config, tokenizer)
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    save_file(official, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if isinstance(tokenizer, ByteTokenizer):
+        tokenizer.save_hf(folder)
+    elif isinstance(tokenizer, HFTokenizer):
+        for name in TOKENIZER_FILES:
+            if (tokenizer.folder / name).is_file() and tokenizer.folder.resolve() != folder.resolve():
+                (folder / name).write_bytes((tokenizer.folder / name).read_bytes())
+    else:
+        raise ValueError(f"cannot write a {type(tokenizer).__name__} as a Hugging Face tokenizer")
+    return folder

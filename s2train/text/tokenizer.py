@@ -128,6 +128,24 @@ class TextTokenizer(ABC):
             raise ValueError(f"the tokenizer lacks the special tokens {missing} that S2 prompts need")
 
 
+def byte_level_alphabet() -> dict[int, str]:
+    """Byte -> the printable character byte-level BPE vocabularies (GPT-2's, Qwen's) write it as: printable
+    Latin-1 bytes stand for themselves, the others for ``chr(256 + n)`` in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    out, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            out[byte] = chr(byte)
+        else:
+            out[byte] = chr(256 + extra)
+            extra += 1
+    return out
+
+
 class ByteTokenizer(TextTokenizer):
     """Ids 0..255 are the UTF-8 bytes, then ``SPECIAL_TOKENS``, then ``n_speakers`` speaker tokens,
     then ``n_semantic`` semantic tokens. ``ByteTokenizer(4, 64)`` is the tiny fixture's layout."""
@@ -168,6 +186,31 @@ class ByteTokenizer(TextTokenizer):
         ids += text[start:].encode("utf-8")
         return ids
 
+    def save_hf(self, folder: str | Path) -> None:
+        """This tokenizer as a Hugging Face ``tokenizer.json`` (byte-level BPE without merges, the specials
+        as added tokens; ``tokenizer_config.json`` and ``special_tokens_map.json`` beside it), which
+        encodes every text to the same ids: what a released-layout folder needs (``s2train.compat``)."""
+        import json
+
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        vocab = {char: byte for byte, char in byte_level_alphabet().items()}
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in self._names])
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(folder / "tokenizer.json"))
+        specials = {"eos_token": "<|im_end|>", "pad_token": "<|pad|>"}
+        (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=1))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,
+            **specials,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
     def decode(self, ids: Sequence[int]) -> str:
         pieces, pending = [], bytearray()
         for i in ids:
@@ -195,6 +238,7 @@ class HFTokenizer(TextTokenizer):
             file = file / "tokenizer.json"
         if not file.is_file():
             raise ValueError(f"no Hugging Face tokenizer.json at {path}")
+        self.folder = file.parent  # where its tokenizer_config.json and special_tokens_map.json lie, if any
         self._tokenizer = Tokenizer.from_file(str(file))
         vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         semantic = {int(m.group(1)): i for name, i in vocab.items() if (m := SEMANTIC_TAG.fullmatch(name))}

@@ -56,6 +56,7 @@ of the current epoch (token shards are small), it does not cost any model comput
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import io
 import json
@@ -119,9 +120,15 @@ class LMDataConfig:
     # Train on the first this many codebooks of the token data (0: all). The codec decodes from its first
     # K codebooks (residual quantizer), so a small model can leave the finest ones out.
     codebooks: int = 0
+    # <|speaker:i|> of the target text of every one-speaker example (references keep 0, 1, ... in order):
+    # fine-tuning may give its voice an id of its own
+    speaker: int = 0
+    # utterances cut from these recordings (their ``source``, globs) are never trained on: a held-out set
+    exclude_sources: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check(self.max_len >= 8, "lm_data.max_len must be at least 8")
+        check(self.speaker >= 0, f"lm_data.speaker cannot be negative, not {self.speaker}")
         check(
             self.overlong in ("drop", "cut"), f"lm_data.overlong must be drop or cut, not {self.overlong!r}"
         )
@@ -493,6 +500,15 @@ class TokenStream(IterableDataset):
             runs = [runs[i] for i in rng.permutation(len(runs))]
         return [u for run in runs for u in run]
 
+    def _kept(self, utterances: list[TokenUtterance]) -> list[TokenUtterance]:
+        """``utterances`` less those of the recordings ``lm_data.exclude_sources`` holds out."""
+        patterns = self.cfg.exclude_sources
+        if not patterns:
+            return utterances
+        return [
+            u for u in utterances if not any(fnmatch.fnmatchcase(u.source or "", p) for p in patterns)
+        ]
+
     def _utterances(
         self, epoch: int, reader: int, readers: int
     ) -> Iterator[tuple[TokenUtterance, dict, int]]:
@@ -502,7 +518,7 @@ class TokenStream(IterableDataset):
         by_unit = len(order) >= readers
         index = 0
         for unit in order[reader::readers] if by_unit else order:
-            ordered = self._speaker_runs(self.source.read_unit(int(unit)), epoch, unit)
+            ordered = self._speaker_runs(self._kept(self.source.read_unit(int(unit))), epoch, unit)
             groups: dict[str, list[TokenUtterance]] = {}
             for u in ordered:
                 groups.setdefault(u.speaker, []).append(u)
@@ -532,6 +548,7 @@ class TokenStream(IterableDataset):
                 codes=codes,
                 references=example.references,
                 caption=example.caption,
+                speaker=self.cfg.speaker,  # a dialogue's text carries its own tags
                 system_turn=self.system_turn,
             )
         except ValueError as error:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,10 +148,12 @@ class DualARModule(L.LightningModule):
         train: LMTrainConfig,
         run_dir: Path | str,
         init_state: dict[str, Tensor] | None = None,
+        adapt: Callable[[DualAR], None] | None = None,
     ):
         super().__init__()
         self.model_config = model_config
         self.init_state = init_state  # the weights to start from (SFT, fine-tuning); None: random
+        self.adapt = adapt  # changes the model once built, before a checkpoint loads (LoRA, frozen parts)
         self.train_cfg = train
         self.run_dir = Path(run_dir)
         self.model: DualAR | None = None
@@ -164,6 +167,8 @@ class DualARModule(L.LightningModule):
             if self.init_state is not None:  # a resumed run's checkpoint replaces these afterwards
                 self.model.load_state_dict(self.init_state)
                 self.init_state = None
+            if self.adapt is not None:
+                self.adapt(self.model)
             if self.train_cfg.activation_checkpointing:
                 checkpoint_blocks(self.model.slow.layers, self.model.fast.layers)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from s2train.checkpoints import save_dual_ar
-from s2train.models.dual_ar import DualARConfig
+from s2train.models.dual_ar import DualAR, DualARConfig
 from s2train.runs import stage_input
 from s2train.text.tokenizer import TextTokenizer, load_tokenizer
 from s2train.training.lm_data import Collate, LMDataConfig, TokenStream, open_token_source
@@ -114,16 +115,18 @@ class LMDataModule(L.LightningDataModule):
         module: DualARModule,
         data: LMDataConfig,
         train: LMTrainConfig,
+        token_data: str | None = None,
     ):
         super().__init__()
         self.cfg, self.tokenizer, self.num_codebooks, self.module = cfg, tokenizer, num_codebooks, module
         self.data, self.train = data, train
+        self.token_data = token_data or token_input(cfg)
         self.stream: TokenStream | None = None
 
     def train_dataloader(self) -> DataLoader:
         cfg = self.cfg
         self.stream = TokenStream(
-            open_token_source(token_input(cfg), self.data.hf_rows_per_unit),
+            open_token_source(self.token_data, self.data.hf_rows_per_unit),
             self.tokenizer,
             self.num_codebooks,
             self.data,
@@ -151,10 +154,15 @@ def train_dual_ar(
     t: LMTrainConfig,
     data: LMDataConfig,
     init_state: dict | None = None,
+    adapt: Callable[[DualAR], None] | None = None,
+    finish: Callable[[dict], dict] | None = None,
+    token_data: str | None = None,
 ) -> dict | None:
-    """Train the Dual-AR model on the token data (``lm_data.input``) with the shared trainer and write the
-    run directory: checkpoints, losses, the loss curve and the exported model. Pretraining starts from
-    ``model_cfg``'s random initialisation, later stages from ``init_state``. Returns rank 0's figures."""
+    """Train the Dual-AR model on the token data (``token_data``, default ``lm_data.input``) with the shared
+    trainer and write the run directory: checkpoints, losses, the loss curve and the exported model.
+    Pretraining starts from ``model_cfg``'s random initialisation, later stages from ``init_state``;
+    ``adapt`` changes the built model (fine-tuning's LoRA layers) and ``finish`` turns its trained weights
+    into the plain model to export (the adapter merged). Returns rank 0's figures."""
     run_dir = Path(cfg.run_dir)
     trainer = build_trainer(
         TrainerSpec(
@@ -177,8 +185,8 @@ def train_dual_ar(
         use_distributed_sampler=False,  # the token stream splits the data itself
     )
     torch.manual_seed(cfg.seed)
-    module = DualARModule(model_cfg, t, run_dir, init_state=init_state)
-    datamodule = LMDataModule(cfg, tokenizer, model_cfg.num_codebooks, module, data, t)
+    module = DualARModule(model_cfg, t, run_dir, init_state=init_state, adapt=adapt)
+    datamodule = LMDataModule(cfg, tokenizer, model_cfg.num_codebooks, module, data, t, token_data)
     resume = resume_point(run_dir)
     train_s = fit(trainer, module, resume, datamodule=datamodule)
     state = gathered_state_dict(trainer, module.model)  # every rank takes part under ZeRO-3
@@ -187,15 +195,17 @@ def train_dual_ar(
 
     rows = read_losses(module.loss_file)
     plot_losses(rows, run_dir / "loss_curve.png", f"{cfg.name}: {cfg.stage}")
-    save_dual_ar(model_cfg, state, run_dir)
+    save_dual_ar(model_cfg, finish(state) if finish is not None else state, run_dir)
     slow = parameter_count(module.model.slow.parameters())
     fast = parameter_count(module.model.fast.parameters())
+    trainable = parameter_count(p for p in module.model.parameters() if p.requires_grad)
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     return {
         "steps": trainer.global_step,
         "resumed_from_step": resume.step,
         "params_slow_M": round(slow / 1e6, 3),
         "params_fast_M": round(fast / 1e6, 3),
+        "params_trained_M": round(trainable / 1e6, 4),
         "first_loss": round(first.get("loss/total", float("nan")), 4),
         "final_loss": round(last.get("loss/total", float("nan")), 4),
         "final_slow_loss": round(last.get("loss/slow", float("nan")), 4),

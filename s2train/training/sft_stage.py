@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from s2train.checkpoints import open_dual_ar
+from s2train.models.dual_ar import DualAR
 from s2train.runs import stage_input
-from s2train.text.tokenizer import model_tokenizer
+from s2train.text.tokenizer import TextTokenizer, model_tokenizer
 from s2train.training.lm_data import ExampleMix
 from s2train.training.lm_module import LMTrainConfig
 from s2train.training.pretrain_stage import codebook_sizes, fit_model_to_data, token_input, train_dual_ar
@@ -57,11 +59,14 @@ class SFTConfig:
     train: LMTrainConfig = field(default_factory=_sft_train)  # optimisation, checkpoints, logging
 
 
-def run(cfg: S2Config) -> dict | None:
-    init = stage_input(cfg, "pretrain", cfg.sft.init)
-    sizes = codebook_sizes(token_input(cfg), cfg.lm_data.codebooks)
+def open_trainable(
+    cfg: S2Config, init: str | Path, token_data: str | Path, key: str
+) -> tuple[DualAR, TextTokenizer]:
+    """The model at ``init`` (any ``open_dual_ar`` format) in float32 with its tokenizer, checked to fit
+    the token data at ``token_data`` (semantic ids, codebooks); ``key`` names ``init`` in errors."""
+    sizes = codebook_sizes(str(token_data), cfg.lm_data.codebooks)
     model, release = open_dual_ar(
-        init, dtype=torch.float32, residual_codebook_size=max(sizes[1:]) if sizes else None, key="sft.init"
+        init, dtype=torch.float32, residual_codebook_size=max(sizes[1:]) if sizes else None, key=key
     )
     tokenizer = model_tokenizer(release, cfg.text)
     _, changed = fit_model_to_data(model.config, tokenizer, sizes)
@@ -69,13 +74,19 @@ def run(cfg: S2Config) -> dict | None:
     if changed:
         differences = ", ".join(f"{k}: model {a}, data {b}" for k, (a, b) in changed.items())
         raise ValueError(
-            f"sft.init={init} does not fit this token data and tokenizer ({differences}); train SFT on the "
-            "tokens of the codec and the tokenizer the model was trained with"
+            f"{key}={init} does not fit this token data and tokenizer ({differences}); train on the tokens "
+            "of the codec and the tokenizer the model was trained with"
         )
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} ids but sft.init's model only {model.config.vocab_size}"
+            f"the tokenizer has {tokenizer.vocab_size} ids but {key}'s model only {model.config.vocab_size}"
         )
+    return model, tokenizer
+
+
+def run(cfg: S2Config) -> dict | None:
+    init = stage_input(cfg, "pretrain", cfg.sft.init)
+    model, tokenizer = open_trainable(cfg, init, token_input(cfg), "sft.init")
     data = dataclasses.replace(cfg.lm_data, mix=cfg.sft.mix)
     state = model.state_dict()  # the module builds its own model and loads these into it
     result = train_dual_ar(cfg, model.config, tokenizer, cfg.sft.train, data, init_state=state)
