@@ -500,8 +500,8 @@ def write_voice_folder(out: Path, sample_rate: int, voice: str = "ked") -> Path:
     """A folder of one voice the demo never trains on, as a user brings one to ``stage=finetune``: the
     first ``FINETUNE_SENTENCES`` English sentences as ``<voice>-sNN-rK.wav`` (K: the speaking rate of
     ``FINETUNE_STRETCHES``; the first ``FINETUNE_HELDOUT`` sentences at the normal rate only) with the
-    transcript in ``.txt`` beside each (the last file has none: the ASR judge writes it), and two files no
-    one can train on: ``broken.wav`` (not audio) and ``silence.wav`` (no speech)."""
+    transcript in ``.txt`` beside each (one ``.lab``; the last file has none: the ASR judge writes it), and
+    two files no one can train on: ``broken.wav`` (not audio) and ``silence.wav`` (no speech)."""
     if shutil.which("text2wave") is None:
         raise ValueError(
             "the demo's fine-tuning voice needs festival: apt-get install festival festvox-kdlpc16k"
@@ -534,8 +534,9 @@ def write_voice_folder(out: Path, sample_rate: int, voice: str = "ked") -> Path:
             audio + (rng.standard_normal(len(audio)) * NOISE_FLOOR).astype(np.float32),
             sample_rate,
         )
-        if n < len(files) - 1:
-            (out / f"{name}.txt").write_text(texts[i] + "\n", encoding="utf-8")
+        if n < len(files) - 1:  # .lab (a forced aligner's name for it) for one of them
+            suffix = ".lab" if n == len(files) - 2 else ".txt"
+            (out / f"{name}{suffix}").write_text(texts[i] + "\n", encoding="utf-8")
     (out / "broken.wav").write_bytes(b"RIFF, but no audio: a file that did not finish copying\n")
     sf.write(
         out / "silence.wav",

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,8 @@ def run(cfg: S2Config) -> dict:
     if max(codec.config.semantic_codebook_size, codec.config.codebook_size) > 2**16:
         raise ValueError("codebooks larger than 65536 entries do not fit the uint16 token shards")
     plan = {
-        "clean": str(clean_dir.resolve()),
+        # where the clean run lies from this one, so that a tree of runs moved (or copied) together resumes
+        "clean": os.path.relpath(clean_dir.resolve(), run_dir.resolve()),
         "shards": [s.name for s in shards],
         "codec": codec_name,
         "codec_sha256": codec_digest(cfg.tokenize.codec),

@@ -41,6 +41,10 @@ DEMO_SHORT = [
     "demo_report.caption_texts=1",
     "demo_report.caption_seeds=2",
     "demo_report.max_new_tokens=30",
+    "finetune.train.max_steps=6",
+    "finetune.train.warmup_steps=2",
+    "finetune.train.checkpoint_every=3",
+    "finetune.train.progress=false",
     "preference.max_steps=60",
     "preference.progress=false",
     "grpo.train.max_steps=2",
@@ -212,3 +216,18 @@ def tiny_clean_run(tmp_path_factory) -> Path:
         members += [(f"c{i:03d}.flac", flac_bytes(wav, 16000)), (f"c{i:03d}.json", json.dumps(meta).encode())]
     write_tar(root / "shards" / "clean-000000.tar", members)
     return root
+
+
+def model_logits(model, seed: int = 0):
+    """A ``DualAR``'s slow logits on a random 12-position sequence whose last 6 positions are semantic, and
+    its fast logits teacher-forced on those 6: what two models that compute the same function agree on."""
+    import torch
+
+    cfg, g, T = model.config, torch.Generator().manual_seed(seed), 12
+    codes = torch.randint(0, cfg.residual_codebook_size, (1, cfg.num_codebooks, T), generator=g)
+    tokens = torch.randint(0, 256, (1, 1, T), generator=g)
+    tokens[0, 0, 6:] = cfg.semantic_begin_id + codes[0, 0, 6:] % cfg.codebook_size
+    with torch.no_grad():
+        out = model(torch.cat([tokens, codes], 1), torch.arange(T)[None], torch.zeros(1, T, dtype=torch.long))
+        fast = model.fast_forward(out.hidden[0, 6:], codes[0, :, 6:].T)
+    return out.logits, fast

@@ -67,3 +67,22 @@ def test_released_folders_open_through_the_same_calls():
     codec_pth = next(iter(sorted(FIXTURES.rglob("codec.pth"))))
     codec, name = open_codec(codec_pth.parent)
     assert name.startswith("fish:") and isinstance(codec, Codec)
+
+
+def test_lora_adapts_the_named_layers_and_refuses_a_pattern_that_matches_none():
+    from s2train.checkpoints import LoraSettings, add_lora, lora_targets
+
+    model = DualAR(tiny())
+    chosen = lora_targets(model, ["slow.*.attention.wqkv", "*.feed_forward.w2"])
+    assert chosen == [f"slow.layers.{i}.attention.wqkv" for i in range(2)] + [
+        f"{m}.layers.{i}.feed_forward.w2" for m in ("slow", "fast") for i in range(2)
+    ]
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        lora_targets(model, ["*.attention.q_proj"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    add_lora(model, LoraSettings(r=2, target_modules=["slow.*.attention.wqkv"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n and n.startswith("slow.") for n in trainable)
+    state = model.state_dict()
+    for key, value in before.items():  # every original weight, under peft's base_layer where adapted
+        assert torch.equal(state.get(key, state.get(key.replace(".weight", ".base_layer.weight"))), value)

@@ -158,3 +158,32 @@ def test_tags_go_into_the_known_transcript_when_its_words_are_the_asrs():
     assert made.text == "Rain fell, [long pause] softly [emphasis] today."
     other = TokenUtterance("k", "spk", "Rain fell softly.", codes, tags=tags, asr_text="rain fell swiftly")
     assert _build_example("tagged", other, {"spk": [other]}, np.random.default_rng(0)) is None
+
+
+def test_held_out_recordings_are_never_trained_on_and_the_target_speaker_can_be_named(shards):
+    cfg = LMDataConfig(
+        max_len=400,
+        loop=False,
+        mix=ExampleMix(plain=1.0, cloning=1.0),
+        speaker_ids={"spk1": 2},
+        exclude_sources=["rec0-*"],
+    )
+    stream = TokenStream(open_token_source(shards), TOK, K, cfg, seed=3)
+    made = list(examples(stream))
+    everything = list(examples(stream_of(shards, plain=1.0)))
+    held = {e.key for e in everything if e.key.startswith("s0")}  # shard 0's recordings are rec0-0, rec0-1
+    assert held and made and not {e.key for e in made} & held
+    assert len(made) == len(everything) - len(held)
+    for e in made:  # nor does any reference come from a held-out recording
+        assert all(r.text for r in e.references)
+        prompt = TOK.decode(stream._segment(e).inputs[0].tolist())
+        user = prompt[prompt.index("<|im_start|>user\n") :]
+        tag = "<|speaker:2|>" if e.speaker == "spk1" else "<|speaker:0|>"  # the target's voice
+        assert user.startswith(f"<|im_start|>user\n{tag}")
+    held_codes = {e.codes.tobytes() for e in everything if e.key in held}
+    cloned = [e for e in made if e.kind == "cloning"]
+    assert cloned and all(
+        np.asarray(r.codes).astype(e.codes.dtype).tobytes() not in held_codes
+        for e in cloned
+        for r in e.references
+    )

@@ -19,6 +19,7 @@ from s2train.inference.sampling import SamplingParams
 from s2train.models.dual_ar import DualAR
 from s2train.models.layers import rope_cos_sin
 from s2train.training.dual_ar_loss import dual_ar_loss, select_fast_rows
+from tests.conftest import model_logits
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "fish_s2"  # released S2 Pro formats, tiny weights
 SINGLE, SHARDED = FIXTURES / "tiny_s2pro", FIXTURES / "tiny_s2pro_sharded"
@@ -279,3 +280,38 @@ def test_decode_step_logits_reproduce_upstream(refs, model):
     outs += [model(sequence[:, :, t : t + 1], cache=cache) for t in range(prompt.shape[1], sequence.shape[2])]
     cached = torch.cat([o.logits for o in outs], dim=1)
     torch.testing.assert_close(cached[0, steps], refs["d.slow_logits"], **LOGITS)
+
+
+@pytest.mark.parametrize("layout", ["fixture", "tiny"])
+def test_our_export_to_the_released_layout_loads_back_to_the_same_model(layout, tmp_path):
+    from s2train.checkpoints import export_release
+    from s2train.models.dual_ar import tiny
+    from s2train.text.tokenizer import ByteTokenizer, HFTokenizer
+
+    if layout == "fixture":  # the released shapes (10 codebooks, 3 fast layers), its own tokenizer
+        model, _ = load_fish_dual_ar(SINGLE)
+        tokenizer = HFTokenizer(SINGLE)
+    else:  # our tiny preset with random weights and the byte tokenizer, written as a tokenizer.json
+        torch.manual_seed(3)
+        model, tokenizer = DualAR(tiny()).eval(), ByteTokenizer(4, 64)
+    out = export_release(model, tokenizer, tmp_path / "release")
+    loaded, info = load_fish_dual_ar(out, residual_codebook_size=model.config.residual_codebook_size)
+    assert loaded.config == model.config and info.semantic_ids_from == "tokenizer"
+    assert info.im_end_id == tokenizer.token_id("<|im_end|>")
+    for ours, theirs in zip(model_logits(loaded), model_logits(model)):
+        assert torch.equal(ours, theirs)
+    official = set(load_file(out / "model.safetensors"))
+    assert official == {k for k in official if k.startswith(("text_model.model.", "audio_decoder."))}
+    if layout == "fixture":  # the same key names as the release
+        assert official == set(load_file(SINGLE / "model.safetensors"))
+
+
+def test_a_model_the_released_layout_cannot_describe_is_refused(tmp_path):
+    from s2train.checkpoints import export_release
+    from s2train.models.dual_ar import demo
+    from s2train.text.tokenizer import ByteTokenizer
+
+    model = DualAR(demo())  # a fast table and head per codebook: the release has one shared of each
+    with pytest.raises(ValueError, match="fast_shared_embeddings"):
+        export_release(model, ByteTokenizer(4, 256), tmp_path / "release")
+    assert not (tmp_path / "release").exists()

@@ -192,3 +192,19 @@ def test_labels_equal_upstream_where_they_can(hf, refs):
     assert torch.equal(hf.is_semantic(labels[0]), refs["a.is_semantic_label"])
     assert torch.equal(hf.is_semantic(inputs[0]), refs["a.is_semantic_inp"])
     assert torch.equal(labels[1], torch.where(hf.is_semantic(labels[0]), labels[0] - 272, -100))
+
+
+def test_byte_tokenizer_writes_a_hugging_face_tokenizer_with_the_same_ids(tmp_path, hf):
+    byte = ByteTokenizer(n_speakers=4, n_semantic=64)
+    byte.save_hf(tmp_path)
+    saved = HFTokenizer(tmp_path)
+    texts = [MIXED, "  two  spaces, a tab\tand ünïcödé 中文", "<|speaker:3|><|semantic:63|><|voice|>"]
+    for text in texts:
+        assert saved.encode(text) == byte.encode(text) == hf.encode(text)
+        assert saved.encode(text, specials=False) == byte.encode(text, specials=False)
+        assert saved.decode(saved.encode(text)) == text
+    assert (saved.vocab_size, saved.semantic_begin, saved.n_speakers) == (336, 272, 4)
+    # the released tiny tokenizer's byte vocabulary, character for character
+    ours = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
+    assert ours == json.loads((TINY / "tokenizer.json").read_text())["model"]["vocab"]
+    assert json.loads((tmp_path / "special_tokens_map.json").read_text())["eos_token"] == "<|im_end|>"

@@ -57,15 +57,16 @@ from s2train.checkpoints import (
     save_adapter,
 )
 from s2train.checks import check
+from s2train.compat.fish_dual_ar import check_exportable
 from s2train.inference.synthesis import Synthesizer, Utterance
 from s2train.judges import JUDGE_RATE
 from s2train.judges.suite import JudgeSuite
 from s2train.judges.wer import wer
-from s2train.models.dual_ar import DualAR
+from s2train.models.dual_ar import DualAR, DualARConfig
 from s2train.runs import atomic_path, stage_input, write_json_atomic, write_text_atomic
 from s2train.shards import read_tar
 from s2train.text.tokenizer import model_tokenizer, speaker_token
-from s2train.training.lm_data import ExampleMix
+from s2train.training.lm_data import ExampleMix, TarShards, open_token_source
 from s2train.training.lm_module import LMTrainConfig
 from s2train.training.pretrain_stage import train_dual_ar
 from s2train.training.sft_stage import open_trainable
@@ -106,6 +107,10 @@ class FinetuneConfig:
     speaker: int = 0  # 0: the voice becomes the default; i: prompts name it <|speaker:i|>
     mix: ExampleMix = field(default_factory=_finetune_mix)  # plain, and cloning from the voice's own clips
     keep: FinetuneKeep = field(default_factory=FinetuneKeep)
+    # Token data of what the model learnt before (a tokenize run of its corpus), trained on beside the voice
+    # so that the model keeps it: a small model forgets the rest of its speech in a few steps on one voice
+    replay: str | None = None
+    replay_share: float = 0.5  # about this share of the utterances of an epoch come from replay
     heldout: int = 4  # recordings held out of training for the before/after check; 0: no check
     heldout_sources: list[str] = field(default_factory=list)  # globs of file names: these instead
     export_release: bool = False  # also write release/ in the released fish_qwen3_omni layout
@@ -116,6 +121,7 @@ class FinetuneConfig:
         check(self.method in ("lora", "full"), f"finetune.method must be lora or full, not {self.method!r}")
         check(self.speaker >= 0, "finetune.speaker cannot be negative")
         check(self.heldout >= 0, "finetune.heldout cannot be negative")
+        check(0 < self.replay_share < 1, f"finetune.replay_share must be in (0, 1), not {self.replay_share}")
         check(
             self.export_dtype in ("float32", "bfloat16"),
             f"finetune.export_dtype must be float32 or bfloat16, not {self.export_dtype!r}",
@@ -207,6 +213,40 @@ def heldout_split(cfg: S2Config, manifest: list[dict]) -> tuple[list[dict], list
     return sorted(rows, key=lambda r: r["id"]), chosen
 
 
+def replay_plan(cfg: S2Config, voice: list[Path], voice_utterances: int) -> tuple[list[Path], dict]:
+    """The token tars to train on: the voice's, and ``finetune.replay``'s so that about
+    ``finetune.replay_share`` of an epoch's utterances are replayed. A replay corpus larger than that
+    share gives a seeded choice of its shards; a smaller one is taken whole and the voice's shards are
+    listed more than once. Utterances per replay shard come from its ``stats.json``."""
+    f = cfg.finetune
+    if not f.replay:
+        return voice, {}
+    source = open_token_source(f.replay)
+    if not isinstance(source, TarShards):
+        raise ValueError(
+            f"finetune.replay={f.replay} must be token shards (a tokenize run or a folder of .tar)"
+        )
+    stats = Path(f.replay) / "stats.json"
+    total = json.loads(stats.read_text())["utterances"] if stats.is_file() else None
+    per_shard = (total or 64 * len(source.paths)) / len(source.paths)
+    wanted = voice_utterances * f.replay_share / (1 - f.replay_share)
+    if per_shard * len(source.paths) > wanted:
+        n = max(1, round(wanted / per_shard))
+        order = np.random.default_rng(cfg.seed).permutation(len(source.paths))[:n]
+        replay, repeats = [source.paths[i] for i in sorted(order)], 1
+    else:
+        replay = source.paths
+        repeats = max(
+            1, round(per_shard * len(replay) * (1 - f.replay_share) / (f.replay_share * voice_utterances))
+        )
+    plan = {
+        "replay_shards": len(replay),
+        "voice_repeats": repeats,
+        "replay_utterances_est": round(per_shard * len(replay)),
+    }
+    return voice * repeats + list(replay), plan
+
+
 # -------------------------------------------------------------------------------------------- model
 
 
@@ -241,6 +281,8 @@ def run(cfg: S2Config) -> dict | None:
             f"finetune.init={init} is not a model: a pretrain or SFT run directory (model.json), a released "
             "S2 Pro folder (config.json) or a LoRA adapter (adapter_config.json)"
         )
+    if f.export_release and (init / "model.json").is_file():  # a release folder is one already
+        check_exportable(DualARConfig(**json.loads((init / "model.json").read_text())))
     marker = run_dir / "prepared.json"
     if _rank() == 0:
         prepared = prepare_data(cfg, codec)
@@ -267,10 +309,12 @@ def run(cfg: S2Config) -> dict | None:
     data = dataclasses.replace(
         cfg.lm_data,
         mix=f.mix,
-        speaker=f.speaker,
+        speaker_ids={**cfg.lm_data.speaker_ids, f.voice: f.speaker},
         exclude_sources=[*cfg.lm_data.exclude_sources, *held_sources],
     )
 
+    voice_shards = sorted((token_data / "shards").glob("*.tar"))
+    shards, replay = replay_plan(cfg, voice_shards, len(manifest) - len(heldout))
     config, start = model.config, model.state_dict()
     del model  # the trainer builds its own and loads these weights
 
@@ -288,11 +332,11 @@ def run(cfg: S2Config) -> dict | None:
         init_state=start,
         adapt=adapter_for(f),
         finish=finish,
-        token_data=str(token_data),
+        token_data=shards,
     )
     if result is None:
         return None
-    result = {"init": str(init), "method": f.method, **result, "data": prepared}
+    result = {"init": str(init), "method": f.method, **result, "data": {**prepared, **replay}}
     if f.method == "lora":
         result["adapter"] = str(run_dir / "adapter")
     if f.export_release:

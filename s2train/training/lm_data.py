@@ -120,15 +120,18 @@ class LMDataConfig:
     # Train on the first this many codebooks of the token data (0: all). The codec decodes from its first
     # K codebooks (residual quantizer), so a small model can leave the finest ones out.
     codebooks: int = 0
-    # <|speaker:i|> of the target text of every one-speaker example (references keep 0, 1, ... in order):
-    # fine-tuning may give its voice an id of its own
-    speaker: int = 0
+    # <|speaker:i|> of the target text of these speakers' one-speaker examples (by the records' speaker
+    # name; the others get 0, references 0, 1, ... in order): fine-tuning may give its voice an id of its own
+    speaker_ids: dict[str, int] = field(default_factory=dict)
     # utterances cut from these recordings (their ``source``, globs) are never trained on: a held-out set
     exclude_sources: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check(self.max_len >= 8, "lm_data.max_len must be at least 8")
-        check(self.speaker >= 0, f"lm_data.speaker cannot be negative, not {self.speaker}")
+        check(
+            all(i >= 0 for i in self.speaker_ids.values()),
+            f"lm_data.speaker_ids cannot be negative: {self.speaker_ids}",
+        )
         check(
             self.overlong in ("drop", "cut"), f"lm_data.overlong must be drop or cut, not {self.overlong!r}"
         )
@@ -505,9 +508,7 @@ class TokenStream(IterableDataset):
         patterns = self.cfg.exclude_sources
         if not patterns:
             return utterances
-        return [
-            u for u in utterances if not any(fnmatch.fnmatchcase(u.source or "", p) for p in patterns)
-        ]
+        return [u for u in utterances if not any(fnmatch.fnmatchcase(u.source or "", p) for p in patterns)]
 
     def _utterances(
         self, epoch: int, reader: int, readers: int
@@ -548,7 +549,7 @@ class TokenStream(IterableDataset):
                 codes=codes,
                 references=example.references,
                 caption=example.caption,
-                speaker=self.cfg.speaker,  # a dialogue's text carries its own tags
+                speaker=self.cfg.speaker_ids.get(example.speaker, 0),  # a dialogue's text has its own tags
                 system_turn=self.system_turn,
             )
         except ValueError as error:

@@ -36,7 +36,7 @@ from s2train.checkpoints import save_dual_ar
 from s2train.models.dual_ar import DualAR, DualARConfig
 from s2train.runs import stage_input
 from s2train.text.tokenizer import TextTokenizer, load_tokenizer
-from s2train.training.lm_data import Collate, LMDataConfig, TokenStream, open_token_source
+from s2train.training.lm_data import Collate, LMDataConfig, TarShards, TokenStream, open_token_source
 from s2train.training.lm_module import DualARModule, LMTrainConfig, plot_losses, read_losses
 from s2train.training.trainer import (
     TrainerSpec,
@@ -115,7 +115,7 @@ class LMDataModule(L.LightningDataModule):
         module: DualARModule,
         data: LMDataConfig,
         train: LMTrainConfig,
-        token_data: str | None = None,
+        token_data: str | list[Path] | None = None,
     ):
         super().__init__()
         self.cfg, self.tokenizer, self.num_codebooks, self.module = cfg, tokenizer, num_codebooks, module
@@ -126,7 +126,9 @@ class LMDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         cfg = self.cfg
         self.stream = TokenStream(
-            open_token_source(self.token_data, self.data.hf_rows_per_unit),
+            TarShards(self.token_data)
+            if isinstance(self.token_data, list)
+            else open_token_source(self.token_data, self.data.hf_rows_per_unit),
             self.tokenizer,
             self.num_codebooks,
             self.data,
@@ -156,9 +158,10 @@ def train_dual_ar(
     init_state: dict | None = None,
     adapt: Callable[[DualAR], None] | None = None,
     finish: Callable[[dict], dict] | None = None,
-    token_data: str | None = None,
+    token_data: str | list[Path] | None = None,
 ) -> dict | None:
-    """Train the Dual-AR model on the token data (``token_data``, default ``lm_data.input``) with the shared
+    """Train the Dual-AR model on the token data (``token_data``: a spec or a list of token tars, a tar
+    listed twice being read twice an epoch; default ``lm_data.input``) with the shared
     trainer and write the run directory: checkpoints, losses, the loss curve and the exported model.
     Pretraining starts from ``model_cfg``'s random initialisation, later stages from ``init_state``;
     ``adapt`` changes the built model (fine-tuning's LoRA layers) and ``finish`` turns its trained weights
