@@ -115,7 +115,10 @@ def run(cfg: S2Config) -> dict:
         "codec_sha256": codec_digest(cfg.tokenize.codec),
     }
     plan_file = run_dir / "plan.json"
-    if plan_file.exists() and json.loads(plan_file.read_text()) != plan:
+    before = json.loads(plan_file.read_text()) if plan_file.exists() else plan
+    if before.get("clean") == str(clean_dir.resolve()):  # recorded as an absolute path before
+        before["clean"] = plan["clean"]
+    if before != plan:
         raise ValueError(
             f"{run_dir} holds a tokenize run of other shards or another codec; use another run_dir="
         )

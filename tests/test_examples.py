@@ -187,3 +187,16 @@ def test_held_out_recordings_are_never_trained_on_and_the_target_speaker_can_be_
         for e in cloned
         for r in e.references
     )
+
+
+def test_a_speaker_can_have_a_mix_of_its_own(shards):
+    cfg = LMDataConfig(
+        max_len=400,
+        loop=False,
+        mix=ExampleMix(plain=1.0),
+        speaker_mix={"spk1": ExampleMix(plain=0.0, cloning=1.0)},
+    )
+    made = list(examples(TokenStream(open_token_source(shards), TOK, K, cfg, seed=3)))
+    ones = [e for e in made if e.speaker == "spk1"]
+    assert ones and all(e.kind == "cloning" for e in ones)  # each has another spk1 clip in its shard
+    assert all(e.kind == "plain" for e in made if e.speaker != "spk1")

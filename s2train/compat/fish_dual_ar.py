@@ -56,26 +56,29 @@ class FishDualARInfo:
     weight_files: tuple[str, ...]  # safetensors files read, in order
 
 
+# (official prefix, our prefix), the most specific first: the table above as a rename both ways
+KEY_PREFIXES = (
+    ("audio_decoder.codebook_embeddings.", "slow.codebook_embeddings."),
+    ("text_model.model.", "slow."),
+    ("audio_decoder.", "fast."),
+)
+
+
+def _rename(key: str, pairs) -> str | None:
+    return next((new + key.removeprefix(old) for old, new in pairs if key.startswith(old)), None)
+
+
 def official_to_ours(key: str) -> str | None:
     """One official checkpoint key -> our ``DualAR.state_dict()`` key (table above); None if foreign."""
-    if key.startswith("text_model.model."):
-        return "slow." + key.removeprefix("text_model.model.")
-    if key.startswith("audio_decoder.codebook_embeddings."):
-        return "slow." + key.removeprefix("audio_decoder.")
-    if key.startswith("audio_decoder."):
-        return "fast." + key.removeprefix("audio_decoder.")
-    return None
+    return _rename(key, KEY_PREFIXES)
 
 
 def ours_to_official(key: str) -> str:
     """One key of ``DualAR.state_dict()`` -> its official name (the inverse of ``official_to_ours``)."""
-    if key.startswith("slow.codebook_embeddings."):
-        return "audio_decoder." + key.removeprefix("slow.")
-    if key.startswith("slow."):
-        return "text_model.model." + key.removeprefix("slow.")
-    if key.startswith("fast."):
-        return "audio_decoder." + key.removeprefix("fast.")
-    raise ValueError(f"{key} is not a key of s2train's Dual-AR model")
+    official = _rename(key, [(ours, theirs) for theirs, ours in KEY_PREFIXES])
+    if official is None:
+        raise ValueError(f"{key} is not a key of s2train's Dual-AR model")
+    return official
 
 
 def require_fish_qwen3_omni(cfg: dict[str, Any], where: str) -> None:

@@ -111,8 +111,12 @@ class FinetuneConfig:
     # so that the model keeps it: a small model forgets the rest of its speech in a few steps on one voice
     replay: str | None = None
     replay_share: float = 0.5  # about this share of the utterances of an epoch come from replay
+    # replayed utterances as examples of these kinds: cloning only (the default) keeps what the model can
+    # say and in which voices when given a reference, and leaves the voice without one to the new voice
+    replay_mix: ExampleMix = field(default_factory=lambda: ExampleMix(plain=0.0, cloning=1.0))
     heldout: int = 4  # recordings held out of training for the before/after check; 0: no check
     heldout_sources: list[str] = field(default_factory=list)  # globs of file names: these instead
+    heldout_check: bool = True  # speak and score the held-out texts after training (false: only hold out)
     export_release: bool = False  # also write release/ in the released fish_qwen3_omni layout
     export_dtype: str = "float32"  # release/'s weights: float32 (exact) | bfloat16 (the release's, half)
     train: LMTrainConfig = field(default_factory=_finetune_train)
@@ -308,7 +312,8 @@ def run(cfg: S2Config) -> dict | None:
     heldout, held_sources = heldout_split(cfg, manifest) if (f.heldout or f.heldout_sources) else ([], [])
     data = dataclasses.replace(
         cfg.lm_data,
-        mix=f.mix,
+        mix=f.replay_mix,  # the replayed corpus's speakers; the voice's utterances have their own
+        speaker_mix={**cfg.lm_data.speaker_mix, f.voice: f.mix},
         speaker_ids={**cfg.lm_data.speaker_ids, f.voice: f.speaker},
         exclude_sources=[*cfg.lm_data.exclude_sources, *held_sources],
     )
@@ -345,7 +350,7 @@ def run(cfg: S2Config) -> dict | None:
             tuned, model_tokenizer(release, cfg.text), run_dir / "release", getattr(torch, f.export_dtype)
         )
         result["release"] = str(out)
-    if heldout:
+    if heldout and f.heldout_check:
         result["heldout"] = compare_on_heldout(cfg, init, codec, heldout, manifest, held_sources)
     return result
 

@@ -123,6 +123,9 @@ class LMDataConfig:
     # <|speaker:i|> of the target text of these speakers' one-speaker examples (by the records' speaker
     # name; the others get 0, references 0, 1, ... in order): fine-tuning may give its voice an id of its own
     speaker_ids: dict[str, int] = field(default_factory=dict)
+    # the example mix of these speakers' utterances (by name) where it is not ``mix``: fine-tuning trains
+    # its voice on its own mix and the replayed corpus on another
+    speaker_mix: dict[str, ExampleMix] = field(default_factory=dict)
     # utterances cut from these recordings (their ``source``, globs) are never trained on: a held-out set
     exclude_sources: list[str] = field(default_factory=list)
 
@@ -535,7 +538,8 @@ class TokenStream(IterableDataset):
         from a generator seeded by the stream's seed and ``where``, so a resumed epoch draws the same;
         plain where the drawn kind needs what ``u`` lacks."""
         rng = np.random.default_rng([self.seed, *where])
-        kind = KINDS[int(rng.choice(len(KINDS), p=self.cfg.mix.probabilities()))]
+        mix = self.cfg.speaker_mix.get(u.speaker, self.cfg.mix)
+        kind = KINDS[int(rng.choice(len(KINDS), p=mix.probabilities()))]
         made = _build_example(kind, u, groups, rng) if kind != "plain" else None
         return made or Example("plain", u.key, u.speaker, u.text, u.codes)
 
