@@ -188,3 +188,27 @@ def test_bad_settings_are_refused_with_a_message(demo_root, lora_run, tmp_path):
         proc = run_cli(*_args(demo_root, run_dir, override, "finetune.heldout_check=false"), check=False)
         assert proc.returncode == 2 and message in proc.stderr, (override, proc.stderr[-600:])
         assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("share, shards, repeats", [(0.5, 3, 1), (0.1, 1, 1), (0.9, 8, 3)])
+def test_replay_takes_about_its_share_of_an_epoch(tmp_path, share, shards, repeats):
+    from types import SimpleNamespace
+
+    from s2train.training.finetune_stage import FinetuneConfig, replay_plan
+    from tests.test_examples import write_rich_shards
+
+    write_rich_shards(tmp_path / "corpus", n_shards=8, per_shard=10)
+    stats = json.loads((tmp_path / "corpus" / "stats.json").read_text())
+    (tmp_path / "corpus" / "stats.json").write_text(json.dumps({**stats, "utterances": 80}))
+    voice = [tmp_path / "voice-0.tar", tmp_path / "voice-1.tar"]
+    cfg = SimpleNamespace(
+        seed=0, finetune=FinetuneConfig(replay=str(tmp_path / "corpus"), replay_share=share)
+    )
+    listed, plan = replay_plan(cfg, voice, voice_utterances=27)
+    assert (plan["replay_shards"], plan["replay_repeats"]) == (shards, repeats)
+    assert listed[:2] == voice and len(listed) == 2 + shards * repeats
+    assert len(set(listed[2:])) == shards and all("corpus" in str(p) for p in listed[2:])
+    replayed = plan["replay_utterances_per_epoch"]
+    assert replayed == 10 * shards * repeats
+    assert abs(replayed / (replayed + 27) - share) < 0.2  # to a shard: the corpus is dealt out by shard
+    assert replay_plan(SimpleNamespace(seed=0, finetune=FinetuneConfig()), voice, 27) == (voice, {})

@@ -219,9 +219,9 @@ def heldout_split(cfg: S2Config, manifest: list[dict]) -> tuple[list[dict], list
 
 def replay_plan(cfg: S2Config, voice: list[Path], voice_utterances: int) -> tuple[list[Path], dict]:
     """The token tars to train on: the voice's, and ``finetune.replay``'s so that about
-    ``finetune.replay_share`` of an epoch's utterances are replayed. A replay corpus larger than that
-    share gives a seeded choice of its shards; a smaller one is taken whole and the voice's shards are
-    listed more than once. Utterances per replay shard come from its ``stats.json``."""
+    ``finetune.replay_share`` of an epoch's utterances are replayed: a seeded choice of the replay
+    corpus's shards when it is larger than that, all of them listed several times when it is smaller.
+    Utterances per replay shard come from its ``stats.json`` (a tokenize run's)."""
     f = cfg.finetune
     if not f.replay:
         return voice, {}
@@ -231,24 +231,23 @@ def replay_plan(cfg: S2Config, voice: list[Path], voice_utterances: int) -> tupl
             f"finetune.replay={f.replay} must be token shards (a tokenize run or a folder of .tar)"
         )
     stats = Path(f.replay) / "stats.json"
-    total = json.loads(stats.read_text())["utterances"] if stats.is_file() else None
-    per_shard = (total or 64 * len(source.paths)) / len(source.paths)
+    total = (json.loads(stats.read_text()).get("utterances") if stats.is_file() else None) or 64 * len(
+        source.paths
+    )
+    per_shard = total / len(source.paths)
     wanted = voice_utterances * f.replay_share / (1 - f.replay_share)
-    if per_shard * len(source.paths) > wanted:
+    if total > wanted:
         n = max(1, round(wanted / per_shard))
         order = np.random.default_rng(cfg.seed).permutation(len(source.paths))[:n]
         replay, repeats = [source.paths[i] for i in sorted(order)], 1
     else:
-        replay = source.paths
-        repeats = max(
-            1, round(per_shard * len(replay) * (1 - f.replay_share) / (f.replay_share * voice_utterances))
-        )
+        replay, repeats = list(source.paths), max(1, round(wanted / total))
     plan = {
         "replay_shards": len(replay),
-        "voice_repeats": repeats,
-        "replay_utterances_est": round(per_shard * len(replay)),
+        "replay_repeats": repeats,
+        "replay_utterances_per_epoch": round(per_shard * len(replay) * repeats),
     }
-    return voice * repeats + list(replay), plan
+    return voice + replay * repeats, plan
 
 
 # -------------------------------------------------------------------------------------------- model
