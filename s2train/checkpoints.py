@@ -35,7 +35,7 @@ from s2train.compat.fish_codec import load_fish_codec
 from s2train.compat.fish_dual_ar import load_fish_dual_ar, save_fish_dual_ar
 from s2train.models.codec import Codec, CodecConfig
 from s2train.models.dual_ar import DualAR, DualARConfig
-from s2train.runs import atomic_path, write_json_atomic, write_text_atomic
+from s2train.runs import UMASK, atomic_path, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -221,6 +221,8 @@ def save_adapter(
     folder.mkdir(parents=True, exist_ok=True)
     adapted.save_pretrained(str(folder))
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card template: nothing of ours in it
+    for written in folder.iterdir():  # peft's safetensors file is made 0600; share it as our files are
+        written.chmod(0o666 & ~UMASK)
     write_json_atomic(
         folder / "adapter.json",
         {

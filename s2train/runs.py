@@ -122,6 +122,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; outputs are shared as any new file would be
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # again: some writers (safetensors) make the file anew, 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

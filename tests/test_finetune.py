@@ -100,6 +100,10 @@ def test_the_merged_model_computes_what_the_model_with_its_adapter_computes(lora
     for model in (merged, from_adapter):
         for ours, theirs in zip(model_logits(model), model_logits(adapted.eval())):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    from s2train.runs import UMASK
+
+    for written in (lora_run / "model.safetensors", *(lora_run / "adapter").iterdir()):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~UMASK, written  # colleagues can read them
     adapter_bytes = (lora_run / "adapter" / "adapter_model.safetensors").stat().st_size
     assert adapter_bytes < 0.3 * (lora_run / "model.safetensors").stat().st_size  # the adapter alone is small
 

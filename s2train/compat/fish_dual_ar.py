@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from s2train.models.dual_ar import DualAR, DualARConfig
+from s2train.runs import atomic_path, write_text_atomic
 from s2train.text.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 
 IM_END, PAD = "<|im_end|>", "<|pad|>"
@@ -370,8 +371,9 @@ def save_fish_dual_ar(
     official = {ours_to_official(k): v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     cfg = fish_config(config, tokenizer)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
-    save_file(official, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(official, str(tmp), metadata={"format": "pt"})
+    write_text_atomic(folder / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
     if isinstance(tokenizer, ByteTokenizer):
         tokenizer.save_hf(folder)
     elif isinstance(tokenizer, HFTokenizer):
