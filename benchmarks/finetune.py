@@ -13,7 +13,7 @@ Reported per preset: ms per step and peak RSS of each method, trainable weights,
 full (below 1: LoRA is cheaper). Both runs start from the same weights (seed), so their first losses agree
 (checked).
 
-    python benchmarks/finetune.py                   # demo and small, 1 thread, about 4 min
+    python benchmarks/finetune.py                   # demo and small, 1 thread, about 20 min
     python benchmarks/finetune.py --presets demo --threads 2
 """
 
