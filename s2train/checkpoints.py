@@ -36,6 +36,7 @@ from s2train.compat.fish_dual_ar import load_fish_dual_ar, save_fish_dual_ar
 from s2train.models.codec import Codec, CodecConfig
 from s2train.models.dual_ar import DualAR, DualARConfig
 from s2train.runs import UMASK, atomic_path, write_json_atomic, write_text_atomic
+from s2train.text.tokenizer import HFTokenizer
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -102,11 +103,17 @@ def codec_files(spec: str | Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------ Dual-AR
 
 
-def save_dual_ar(config: DualARConfig, state: dict[str, torch.Tensor], folder: Path) -> None:
+def save_dual_ar(
+    config: DualARConfig, state: dict[str, torch.Tensor], folder: Path, tokenizer: TextTokenizer | None = None
+) -> None:
     """``model.safetensors`` (our key names) and ``model.json`` (its ``DualARConfig``) in ``folder``.
-    ``state`` is the model's full state dict on CPU (``trainer.gathered_state_dict`` under ZeRO-3)."""
+    ``state`` is the model's full state dict on CPU (``trainer.gathered_state_dict`` under ZeRO-3). A
+    Hugging Face ``tokenizer`` (a released model's) is copied beside them, so the model is opened with
+    the token ids it was trained on; the byte tokenizer is the config's ``text`` and needs no file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.copy_to(folder)
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
     write_text_atomic(folder / "model.json", json.dumps(dataclasses.asdict(config), indent=1))
@@ -121,7 +128,8 @@ def open_dual_ar(
     key: str = "synthesize.model",
 ) -> tuple[DualAR, Path | None]:
     """The model of a pretrain run directory (``model.json`` + ``model.safetensors``) or of a released S2
-    Pro folder, in eval mode; also, for a release, the folder whose tokenizer goes with it (else None)."""
+    Pro folder, in eval mode; also the folder whose ``tokenizer.json`` goes with it: a release's, or a run's
+    that trained from one (else None: the config's ``text`` tokenizer)."""
     folder = Path(spec)
     if (folder / "adapter_config.json").is_file():
         return open_adapter(folder, device=device, dtype=dtype, residual_codebook_size=residual_codebook_size)
@@ -130,7 +138,8 @@ def open_dual_ar(
             raise ValueError(f"{folder} has model.json but no model.safetensors")
         model = DualAR(DualARConfig(**json.loads((folder / "model.json").read_text(encoding="utf-8"))))
         model.load_state_dict(load_file(folder / "model.safetensors"))
-        return model.to(device=device, dtype=dtype).eval(), None
+        tokenizer = folder if (folder / "tokenizer.json").is_file() else None  # trained from a release
+        return model.to(device=device, dtype=dtype).eval(), tokenizer
     if (folder / "config.json").is_file():
         model, _ = load_fish_dual_ar(
             folder, dtype=dtype, device=torch.device(device), residual_codebook_size=residual_codebook_size

@@ -53,7 +53,7 @@ def test_demo_pretraining_trains_on_the_demo_tokens(demo_root):
     pipeline = _results(demo_root, "pipeline")
     assert pipeline["stages"] == (
         "demo_corpus -> clean -> codec -> tokenize -> pretrain -> sft -> synthesize -> eval -> demo_report"
-        " -> preference -> grpo"
+        " -> finetune -> preference -> grpo"
     )
 
 

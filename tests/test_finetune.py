@@ -148,7 +148,7 @@ def test_a_killed_finetune_resumes_onto_the_uninterrupted_loss_curve(demo_root, 
     _prepared_copy(lora_run, killed)
     # the pipeline's finetune run, on a copy of its prepared data, without speaking the held-out texts
     args = _args(demo_root, killed, "finetune.heldout_check=false")
-    kill_when(args, (killed / "checkpoints" / "step-000003.ckpt").exists)
+    kill_when(args, (killed / "checkpoints" / "step-000003.ckpt").exists)  # last.ckpt may not be there yet
     assert len(read_losses(killed / "losses.jsonl")) < 6
     run_cli(*args)
     assert _results(killed)["resumed_from_step"] == 3
@@ -216,3 +216,54 @@ def test_replay_takes_about_its_share_of_an_epoch(tmp_path, share, shards, repea
     assert replayed == 10 * shards * repeats
     assert abs(replayed / (replayed + 27) - share) < 0.2  # to a shard: the corpus is dealt out by shard
     assert replay_plan(SimpleNamespace(seed=0, finetune=FinetuneConfig()), voice, 27) == (voice, {})
+
+
+def test_a_released_model_finetunes_and_exports_back_to_the_released_layout(tmp_path, flite_wav):
+    """From the released tiny S2 Pro folder and its codec: LoRA, the merged model, and release/ (its
+    tokenizer copied from the release) that the compat loader reads back to the same logits."""
+    import numpy as np
+    import soundfile as sf
+
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "fish_s2"
+    voice = tmp_path / "voice"
+    voice.mkdir()
+    texts = ["Please put the green box on the table.", "My brother likes to cook rice.", "We walked home."]
+    for i, text in enumerate(texts):
+        audio = np.concatenate(
+            [np.zeros(4000, np.float32), flite_wav("slt", text), np.zeros(4000, np.float32)]
+        )
+        sf.write(voice / f"slt-{i}.wav", audio, 16000)
+        (voice / f"slt-{i}.txt").write_text(text)
+    run_dir = tmp_path / "run"
+    run_cli(
+        "stage=finetune",
+        f"run_dir={run_dir}",
+        f"finetune.input={voice}",
+        f"finetune.init={fixtures / 'tiny_s2pro'}",
+        f"finetune.codec={fixtures / 'tiny_codec'}",
+        "finetune.export_release=true",
+        "finetune.heldout=1",
+        "finetune.heldout_check=false",
+        "finetune.lora.r=2",
+        "finetune.train.max_steps=3",
+        "finetune.train.warmup_steps=1",
+        "finetune.train.batch_size=2",
+        "finetune.train.threads=1",
+        "finetune.train.progress=false",
+        "text.n_semantic=64",
+        "text.n_speakers=2",
+        "lm_data.max_len=512",
+        "clean.progress=false",
+        "tokenize.progress=false",
+    )
+    merged, tokenizer_folder = open_dual_ar(run_dir, residual_codebook_size=32)
+    assert tokenizer_folder == run_dir  # the release's tokenizer travels with the merged model
+    release, tokenizer_folder = open_dual_ar(run_dir / "release", residual_codebook_size=32)
+    assert tokenizer_folder == run_dir / "release" and release.config == merged.config
+    assert (run_dir / "release" / "tokenizer.json").read_bytes() == (
+        fixtures / "tiny_s2pro" / "tokenizer.json"
+    ).read_bytes()
+    for ours, theirs in zip(model_logits(release), model_logits(merged)):
+        assert torch.equal(ours, theirs)
+    start, _ = open_dual_ar(fixtures / "tiny_s2pro", residual_codebook_size=32)
+    assert any(not torch.equal(a, b) for a, b in zip(model_logits(merged), model_logits(start)))

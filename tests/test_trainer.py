@@ -68,7 +68,7 @@ def test_both_stages_resume_from_slurms_preemption_checkpoint(
     assert (results["resumed_from_step"], results["steps"]) == (3, 5)
 
 
-def test_the_newest_of_last_and_hpc_checkpoints_is_resumed(tmp_path):
+def test_the_newest_of_last_periodic_and_hpc_checkpoints_is_resumed(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
     last, hpc = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_2.ckpt"
@@ -79,6 +79,10 @@ def test_the_newest_of_last_and_hpc_checkpoints_is_resumed(tmp_path):
     assert latest_checkpoint(tmp_path) == last
     os.utime(last, (past - 60, past - 60))
     assert latest_checkpoint(tmp_path) == hpc
+    # killed after the periodic checkpoint and before its last.ckpt: the periodic one is the newest
+    periodic = tmp_path / "checkpoints" / "step-000004.ckpt"
+    periodic.write_bytes(b"x")
+    assert latest_checkpoint(tmp_path) == periodic
 
 
 def _deepspeed_dir(folder: Path, step: int, file: str, tag: str = "checkpoint") -> None:

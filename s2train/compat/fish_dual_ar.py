@@ -266,8 +266,6 @@ def load_fish_dual_ar(
 
 # -------------------------------------------------------------------------------------------- export
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
 
 def check_exportable(config: DualARConfig) -> None:
     """Refuse a model the released layout cannot describe: upstream builds every ``fish_qwen3_omni``
@@ -377,9 +375,7 @@ def save_fish_dual_ar(
     if isinstance(tokenizer, ByteTokenizer):
         tokenizer.save_hf(folder)
     elif isinstance(tokenizer, HFTokenizer):
-        for name in TOKENIZER_FILES:
-            if (tokenizer.folder / name).is_file() and tokenizer.folder.resolve() != folder.resolve():
-                (folder / name).write_bytes((tokenizer.folder / name).read_bytes())
+        tokenizer.copy_to(folder)
     else:
         raise ValueError(f"cannot write a {type(tokenizer).__name__} as a Hugging Face tokenizer")
     return folder

@@ -715,7 +715,7 @@ def run(cfg: S2Config) -> dict | None:
     if not trainer.is_global_zero:
         return None
     state = {k: v.detach().contiguous().cpu() for k, v in module.model.state_dict().items()}
-    save_dual_ar(model.config, state, run_dir)
+    save_dual_ar(model.config, state, run_dir, tokenizer)
     metrics = read_losses(run_dir / "metrics.jsonl")
     heldout_rows = read_losses(run_dir / "heldout.jsonl")
     plot_rewards(metrics, heldout_rows, run_dir / "reward_curve.png", f"{cfg.name}: grpo")

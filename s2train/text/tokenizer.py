@@ -230,6 +230,8 @@ class ByteTokenizer(TextTokenizer):
 class HFTokenizer(TextTokenizer):
     """A local Hugging Face tokenizer: a folder holding ``tokenizer.json``, or that file itself."""
 
+    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer
 
@@ -255,6 +257,20 @@ class HFTokenizer(TextTokenizer):
         speakers = {int(m.group(1)) for name in vocab if (m := SPEAKER_TAG.fullmatch(name))}
         self.n_speakers = next(i for i in range(len(speakers) + 1) if i not in speakers)
         self._check_required()
+
+    def copy_to(self, folder: str | Path) -> None:
+        """Its files (``tokenizer.json`` and, where present, its config and special-token map) into
+        ``folder``, written atomically; nothing to do where they already lie there."""
+        from s2train.runs import atomic_path
+
+        folder = Path(folder)
+        if folder.resolve() == self.folder.resolve():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in self.FILES:
+            if (self.folder / name).is_file():
+                with atomic_path(folder / name) as tmp:
+                    tmp.write_bytes((self.folder / name).read_bytes())
 
     @property
     def vocab_size(self) -> int:

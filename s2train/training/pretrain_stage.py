@@ -198,7 +198,7 @@ def train_dual_ar(
 
     rows = read_losses(module.loss_file)
     plot_losses(rows, run_dir / "loss_curve.png", f"{cfg.name}: {cfg.stage}")
-    save_dual_ar(model_cfg, finish(state) if finish is not None else state, run_dir)
+    save_dual_ar(model_cfg, finish(state) if finish is not None else state, run_dir, tokenizer)
     slow = parameter_count(module.model.slow.parameters())
     fast = parameter_count(module.model.fast.parameters())
     trainable = parameter_count(p for p in module.model.parameters() if p.requires_grad)

@@ -162,9 +162,11 @@ def build_trainer(spec: TrainerSpec, **trainer_kwargs: Any) -> L.Trainer:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest of ``checkpoints/last.ckpt`` (a file, or a DeepSpeed directory) and the
-    ``hpc_ckpt_*.ckpt`` Lightning writes on SLURM's pre-emption signal, or None."""
-    candidates = [Path(run_dir) / "checkpoints" / "last.ckpt", *Path(run_dir).glob("hpc_ckpt_*.ckpt")]
+    """The newest of ``checkpoints/last.ckpt`` (a file, or a DeepSpeed directory), the periodic
+    ``checkpoints/step-*.ckpt`` (Lightning writes one just before ``last.ckpt``: a kill between the two
+    loses nothing) and the ``hpc_ckpt_*.ckpt`` Lightning writes on SLURM's pre-emption signal, or None."""
+    folder = Path(run_dir) / "checkpoints"
+    candidates = [folder / "last.ckpt", *folder.glob("step-*.ckpt"), *Path(run_dir).glob("hpc_ckpt_*.ckpt")]
     existing = [p for p in candidates if p.exists()]
     return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
 
