@@ -6,12 +6,14 @@ cd "$(dirname "$0")"
 SUDO=""
 if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO="sudo"; fi
 
-# festival with its American English diphone voice speaks the demo's fine-tuning voice (one the models never hear)
+# festival with its American English diphone voice speaks the demo's fine-tuning voice (one the models never hear);
+# chromium is the browser the server's page is tested in (Playwright drives it; no browser download)
 if ! command -v flite >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null \
-  || ! command -v text2wave >/dev/null || [ ! -d /usr/share/festival/voices/english/ked_diphone ]; then
+  || ! command -v text2wave >/dev/null || [ ! -d /usr/share/festival/voices/english/ked_diphone ] \
+  || ! command -v chromium >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    flite espeak-ng ffmpeg festival festvox-kdlpc16k git >/dev/null
+    flite espeak-ng ffmpeg festival festvox-kdlpc16k chromium git >/dev/null
 fi
 
 PIP="python -m pip"

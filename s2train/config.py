@@ -33,6 +33,7 @@ from s2train.models.dual_ar import DualARConfig
 from s2train.models.dual_ar import tiny as dual_ar_tiny
 from s2train.rl.grpo_stage import GRPOConfig
 from s2train.rl.preference import PreferenceConfig
+from s2train.serving.serve_stage import ServeConfig
 from s2train.text.tokenizer import TextConfig
 from s2train.training.codec_module import CodecTrainConfig
 from s2train.training.finetune_stage import FinetuneConfig
@@ -67,6 +68,7 @@ class S2Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # the `eval` group: conf/eval/*.yaml
     demo_report: DemoReportConfig = field(default_factory=DemoReportConfig)
 

@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "preference": "s2train.rl.preference",
     "grpo": "s2train.rl.grpo_stage",
     "synthesize": "s2train.inference.synthesize_stage",
+    "serve": "s2train.serving.serve_stage",
     "eval": "eval.stage",
     "demo_report": "eval.demo_report",
     "pipeline": "s2train.cli",

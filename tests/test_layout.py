@@ -21,6 +21,7 @@ FORBIDDEN = {
     "s2train/judges": ("s2train.config", "lightning", "hydra", "s2train.training", "data_pipeline", "eval"),
     "s2train/text": ("s2train.config", "lightning", "hydra", "s2train.training", "data_pipeline", "eval"),
     "s2train/inference": ("s2train.training", "data_pipeline"),
+    "s2train/serving": ("s2train.training", "s2train.rl", "lightning", "data_pipeline", "eval"),
     "s2train/training": ("data_pipeline", "eval"),
 }
 

@@ -59,6 +59,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -233,6 +234,40 @@ class _Batch:
         self.sampler.move_row(source, target)
 
 
+class RequestFeed(Protocol):
+    """Where ``InferenceEngine.run_feed`` takes its requests from: a fixed list (``ListFeed``) or a server's
+    queue of live requests (``s2train.serving.live``)."""
+
+    def take(self, n: int, wait: bool) -> list[tuple[int, Request]]:
+        """Up to ``n`` (index, request) pairs; ``wait``: nothing is running, so block until a request
+        comes or the feed is exhausted."""
+        ...
+
+    def cancelled(self, index: int) -> bool:
+        """Whether the request ``index`` was withdrawn (its row is then freed)."""
+        ...
+
+    def exhausted(self) -> bool:
+        """No request will come any more."""
+        ...
+
+
+class ListFeed:
+    """The requests of a list, indexed by their place in it."""
+
+    def __init__(self, requests: Sequence[Request]):
+        self.queue = deque(enumerate(requests))
+
+    def take(self, n: int, wait: bool) -> list[tuple[int, Request]]:
+        return [self.queue.popleft() for _ in range(min(n, len(self.queue)))]
+
+    def cancelled(self, index: int) -> bool:
+        return False
+
+    def exhausted(self) -> bool:
+        return not self.queue
+
+
 class InferenceEngine:
     """Generation for lists of ``Request`` with one Dual-AR model (module docstring)."""
 
@@ -276,24 +311,37 @@ class InferenceEngine:
                 results[step.index] = step.done
         return results  # type: ignore[return-value]
 
-    @torch.no_grad()
     def run(self, requests: Sequence[Request]) -> Iterator[Step]:
         """Generate ``requests`` with continuous batching, yielding every column as it is made."""
         if not requests:
             return
         for request in requests:
-            self._check(request)
-        batch = self._batch_for(requests)
+            self.check(request)
+        need = max(r.prompt.shape[1] + r.max_new_tokens for r in requests)
+        yield from self.run_feed(ListFeed(requests), min(self.max_batch, len(requests)), need)
+
+    @torch.no_grad()
+    def run_feed(self, feed: RequestFeed, rows: int, slots: int) -> Iterator[Step]:
+        """Generate what ``feed`` gives, yielding every column as it is made: a free row takes the feed's
+        next request before each frame (a request that arrives while others generate joins the running
+        batch at the next frame), a row the feed cancels is freed at the next frame, and the run ends
+        when the feed has no more and no row is running. ``rows`` x ``slots``: the batch's size (every
+        request must fit ``slots``: prompt plus ``max_new_tokens``; ``check`` it before it is fed)."""
+        batch = self._batch_for(rows, slots)
         if not self.static:  # read the weights as they are now (a GRPO update changes them)
             batch.decoder = StepDecoder(self.model, batch.cache.max_len)
             batch.head = self._head().index_select(0, self.vocab.allowed_ids).t()  # (D, A)
-        queue = deque(range(len(requests)))
         started = time.perf_counter()
         self.first_frame_s = {}
-        while queue or batch.running:
-            while queue and len(batch.running) < batch.rows:
-                index = queue.popleft()
-                self._join(batch, index, requests[index])
+        while True:
+            free = batch.rows - len(batch.running)
+            for index, request in feed.take(free, wait=not batch.running) if free else ():
+                self._join(batch, index, request)
+            self._leave(batch, [row for row, run in enumerate(batch.running) if feed.cancelled(run.index)])
+            if not batch.running:
+                if feed.exhausted():
+                    return
+                continue
             n = len(batch.running)
             for row, run in enumerate(batch.running):
                 if run.generator is not None:
@@ -323,18 +371,10 @@ class InferenceEngine:
                 if done is not None:
                     finished.append(row)
                 yield Step(run.index, column, done)
-            for row in reversed(finished):  # fill each freed row with the last running one
-                last = len(batch.running) - 1
-                if row != last:
-                    batch.move_row(last, row)
-                    batch.running[row] = batch.running[last]
-                batch.running.pop()
-            if self.static:
-                batch.cache.lengths[len(batch.running) :] = 0  # idle rows of the step write harmlessly
+            self._leave(batch, finished)
 
-    # --------------------------------------------------------------------------------------- internals
-
-    def _check(self, request: Request) -> None:
+    def check(self, request: Request) -> None:
+        """Refuse a request this model cannot generate (prompt shape, lengths), with the reason."""
         cfg = self.config
         prompt = request.prompt
         if prompt.dim() != 2 or prompt.shape[0] != 1 + cfg.num_codebooks or prompt.shape[1] < 1:
@@ -359,13 +399,25 @@ class InferenceEngine:
                 f"model's max_seq_len {cfg.max_seq_len}"
             )
 
-    def _batch_for(self, requests: Sequence[Request]) -> _Batch:
-        """The running batch for these requests: the last run's if it has the same rows and slots (its
-        CUDA graph is then replayed as it is), else a new one. Slots are rounded up to a multiple of
-        ``SLOT_QUANTUM`` so that runs of similar lengths share a batch."""
-        need = max(r.prompt.shape[1] + r.max_new_tokens for r in requests)
+    # --------------------------------------------------------------------------------------- internals
+
+    def _leave(self, batch: _Batch, rows: list[int]) -> None:
+        """Free ``rows`` (ascending): each is filled with the last running row, so the running rows stay
+        rows 0..N-1."""
+        for row in reversed(rows):
+            last = len(batch.running) - 1
+            if row != last:
+                batch.move_row(last, row)
+                batch.running[row] = batch.running[last]
+            batch.running.pop()
+        if rows and self.static:
+            batch.cache.lengths[len(batch.running) :] = 0  # idle rows of the step write harmlessly
+
+    def _batch_for(self, rows: int, need: int) -> _Batch:
+        """The running batch of ``rows`` rows for requests of up to ``need`` positions: the last run's if it
+        has the same rows and slots (its CUDA graph is then replayed as it is), else a new one. Slots are
+        rounded up to a multiple of ``SLOT_QUANTUM`` so that runs of similar lengths share a batch."""
         capacity = min(-(-need // SLOT_QUANTUM) * SLOT_QUANTUM, self.config.max_seq_len)
-        rows = min(self.max_batch, len(requests))
         last = self._last_batch
         if last is not None and (last.rows, last.cache.max_len) == (rows, capacity):
             last.running.clear()
@@ -541,7 +593,45 @@ class AudioChunk:
     generation: Generation | None  # set on the last chunk
 
 
-@torch.no_grad()
+class RequestAudio:
+    """One request's frames decoded to audio as they come, through its own causal streaming decoder
+    (``Codec.stream_decoder``): a chunk after ``first_chunk_frames`` frames, then every ``chunk_frames``,
+    and the rest when it ends; its chunks joined equal ``codec.decode`` of all its frames."""
+
+    def __init__(self, codec: Codec, im_end_id: int, first_chunk_frames: int = 8, chunk_frames: int = 32):
+        if first_chunk_frames < 1 or chunk_frames < 1:
+            raise ValueError("first_chunk_frames and chunk_frames must be at least 1")
+        self.codec, self.im_end_id = codec, im_end_id
+        self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
+        self.decoder = codec.stream_decoder()
+        self.pending: list[Tensor] = []
+        self.frames = 0  # decoded so far
+
+    @torch.no_grad()
+    def push(self, step: Step) -> AudioChunk | None:
+        """The next chunk when ``step`` completes one (always on the request's last step), else None."""
+        if int(step.column[0]) != self.im_end_id:
+            self.pending.append(step.column[1:])
+        wanted = self.first_chunk_frames if self.frames == 0 else self.chunk_frames
+        if len(self.pending) < wanted and step.done is None:
+            return None
+        device = next(self.codec.parameters()).device
+        codes = (
+            torch.stack(self.pending, dim=1)
+            if self.pending
+            else torch.zeros(len(step.column) - 1, 0, dtype=torch.long)
+        )
+        audio = self.decoder.push(codes.long().to(device))[0, 0].float().cpu()
+        self.frames += len(self.pending)
+        self.pending = []
+        final = step.done is not None
+        if final:
+            tail = self.decoder.flush()  # what the decoder held back (the istft decoder's last hop)
+            if tail is not None:
+                audio = torch.cat([audio, tail[0, 0].float().cpu()])
+        return AudioChunk(step.index, audio, final, step.done)
+
+
 def stream_audio(
     engine: InferenceEngine,
     codec: Codec,
@@ -550,35 +640,27 @@ def stream_audio(
     first_chunk_frames: int = 8,
     chunk_frames: int = 32,
 ) -> Iterator[AudioChunk]:
-    """Generate ``requests`` and decode each one's frames to audio as they come: its first chunk after
-    ``first_chunk_frames`` frames, then one every ``chunk_frames``, and the rest when it ends. Each request
-    has its own causal decoder (``Codec.stream_decoder``), so its chunks joined equal the one-shot decode."""
+    """Generate ``requests`` and decode each one's frames to audio as they come (``RequestAudio``)."""
     if first_chunk_frames < 1 or chunk_frames < 1:
         raise ValueError("first_chunk_frames and chunk_frames must be at least 1")
+    check_codec(engine, codec)
+    streams: dict[int, RequestAudio] = {}
+    for step in engine.run(requests):
+        if step.index not in streams:
+            streams[step.index] = RequestAudio(
+                codec, engine.vocab.im_end_id, first_chunk_frames, chunk_frames
+            )
+        chunk = streams[step.index].push(step)
+        if chunk is not None:
+            if chunk.final:
+                del streams[step.index]
+            yield chunk
+
+
+def check_codec(engine: InferenceEngine, codec: Codec) -> None:
+    """The codec decodes every codebook the engine's model generates."""
     if codec.config.n_codebooks < engine.config.num_codebooks:
         raise ValueError(
             f"the codec has {codec.config.n_codebooks} codebooks but the model generates "
             f"{engine.config.num_codebooks}"
         )
-    device = next(codec.parameters()).device
-    decoders, pending, emitted = {}, {}, {}
-    for step in engine.run(requests):
-        i = step.index
-        if i not in decoders:
-            decoders[i], pending[i], emitted[i] = codec.stream_decoder(), [], 0
-        if int(step.column[0]) != engine.vocab.im_end_id:
-            pending[i].append(step.column[1:])
-        wanted = first_chunk_frames if emitted[i] == 0 else chunk_frames
-        if len(pending[i]) < wanted and step.done is None:
-            continue
-        codes = torch.stack(pending[i], dim=1) if pending[i] else torch.zeros(engine.config.num_codebooks, 0)
-        audio = decoders[i].push(codes.long().to(device))[0, 0].float().cpu()
-        emitted[i] += len(pending[i])
-        pending[i] = []
-        final = step.done is not None
-        if final:
-            tail = decoders[i].flush()  # what the decoder held back (the istft decoder's last hop)
-            if tail is not None:
-                audio = torch.cat([audio, tail[0, 0].float().cpu()])
-            del decoders[i], pending[i], emitted[i]
-        yield AudioChunk(i, audio, final, step.done)

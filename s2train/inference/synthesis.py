@@ -29,7 +29,14 @@ from tqdm import tqdm
 from s2train.audio import SoundFileReader, resample, to_mono
 from s2train.checkpoints import open_codec, open_dual_ar
 from s2train.checks import check
-from s2train.inference.engine import Generation, InferenceEngine, Request, speech_request
+from s2train.inference.engine import (
+    AudioChunk,
+    Generation,
+    InferenceEngine,
+    Request,
+    speech_request,
+    stream_audio,
+)
 from s2train.inference.sampling import SamplingParams
 from s2train.models.codec import Codec
 from s2train.models.dual_ar import DualAR
@@ -70,6 +77,9 @@ class SynthesizeConfig:
     cuda_graph: bool = True  # on CUDA: replay each frame's step as a CUDA graph
     compile: bool = False  # on a CPU: compile each frame's step (inductor; a minute or two per batch shape)
     prefix_cache_mb: float = 512.0  # keys and values of reference prompts kept for reuse
+    stream: bool = False  # write each wav as its audio is generated (.<id>.wav.partial until it ends)
+    first_chunk_frames: int = 8  # streaming: the first audio after this many frames ...
+    chunk_frames: int = 32  # ... then a chunk every this many
     threads: int = 0  # torch intra-op threads on a CPU; 0 leaves torch's default
     progress: bool = True
 
@@ -86,6 +96,10 @@ class SynthesizeConfig:
             f"synthesize.dtype must be auto, float32 or bfloat16, not {self.dtype!r}",
         )
         check(self.prefix_cache_mb >= 0 and self.threads >= 0, "synthesize.prefix_cache_mb and threads >= 0")
+        check(
+            self.first_chunk_frames >= 1 and self.chunk_frames >= 1,
+            "synthesize.first_chunk_frames and synthesize.chunk_frames must be at least 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -308,6 +322,25 @@ class Synthesizer:
                 if step.done is not None:
                     yield Spoken(part[step.index], self.decode(step.done), step.done)
 
+    def stream(
+        self, utterances: Sequence[Utterance], first_chunk_frames: int = 8, chunk_frames: int = 32
+    ) -> Iterator[tuple[Utterance, AudioChunk]]:
+        """Every utterance's audio as it is generated (``stream_audio``): its first chunk after
+        ``first_chunk_frames`` frames, then every ``chunk_frames``; the last chunk carries the generation.
+        The chunks of an utterance joined are the audio ``speak`` gives it (to rounding)."""
+        chunk = self.batch_size * 4
+        for start in range(0, len(utterances), chunk):
+            part = utterances[start : start + chunk]
+            requests = [self.request(u) for u in part]
+            for audio in stream_audio(
+                self.engine,
+                self.codec,
+                requests,
+                first_chunk_frames=first_chunk_frames,
+                chunk_frames=chunk_frames,
+            ):
+                yield part[audio.index], audio
+
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     with atomic_path(path) as tmp:
@@ -319,11 +352,22 @@ def is_done(wav_dir: Path, u: Utterance) -> bool:
 
 
 def speak_to_folder(
-    synth: Synthesizer, utterances: Sequence[Utterance], wav_dir: Path, *, progress: bool = True
+    synth: Synthesizer,
+    utterances: Sequence[Utterance],
+    wav_dir: Path,
+    *,
+    progress: bool = True,
+    stream: bool = False,
+    first_chunk_frames: int = 8,
+    chunk_frames: int = 32,
 ) -> dict:
     """Speak the utterances not yet in ``wav_dir`` into ``<id>.wav`` (16-bit PCM) and ``<id>.json`` (text,
     frames, seconds, whether it ended on ``<|im_end|>``, reference, seed), each written atomically, the json
-    last, so a rerun skips exactly the finished ones. Returns the figures of this call."""
+    last, so a rerun skips exactly the finished ones. Returns the figures of this call.
+
+    ``stream``: each utterance's audio is written as it is generated, chunk by chunk
+    (``Synthesizer.stream``), into ``.<id>.wav.partial``, renamed to ``<id>.wav`` when it ends; the
+    json records its time to first audio."""
     wav_dir.mkdir(parents=True, exist_ok=True)
     for u in utterances:
         check(bool(SAFE_ID.match(u.id)), f"utterance id {u.id!r} must be 1-128 letters, digits, '_' or '-'")
@@ -334,10 +378,16 @@ def speak_to_folder(
     audio_s = 0.0
     reference_before, started = synth.reference_s, time.perf_counter()
     bar = tqdm(total=len(todo), desc="synthesize", unit="utt", disable=not progress)
-    for spoken in synth.speak(todo):
-        audio_s += _write(wav_dir, spoken, synth.sample_rate)
-        frames += spoken.generation.codes.shape[1]
-        stopped += int(spoken.generation.stopped)
+    first_audio: list[float] = []
+    finished = (
+        _stream_to_folder(synth, todo, wav_dir, first_chunk_frames, chunk_frames, first_audio)
+        if stream
+        else (_write(wav_dir, spoken, synth.sample_rate) for spoken in synth.speak(todo))
+    )
+    for seconds, generation in finished:
+        audio_s += seconds
+        frames += generation.codes.shape[1]
+        stopped += int(generation.stopped)
         bar.update(1)
     bar.close()
     synthesis_s = time.perf_counter() - started - (synth.reference_s - reference_before)
@@ -352,6 +402,7 @@ def speak_to_folder(
         "real_time_factor": round(synthesis_s / audio_s, 4) if audio_s else 0.0,
         "ended_on_im_end": stopped,
         "prefix_cache_hits": synth.engine.prefix_cache.hits,
+        **({"first_audio_s_mean": round(float(np.mean(first_audio)), 4)} if first_audio else {}),
     }
 
 
@@ -361,11 +412,56 @@ def write_manifest(path: Path, wav_dir: Path, utterances: Sequence[Utterance]) -
     write_text_atomic(path, "".join(json.dumps(json.loads(r), ensure_ascii=False) + "\n" for r in rows))
 
 
-def _write(wav_dir: Path, spoken: Spoken, rate: int) -> float:
-    """Write ``<id>.wav`` then ``<id>.json``; returns the seconds of audio."""
-    u, generation = spoken.utterance, spoken.generation
-    write_wav(wav_dir / f"{u.id}.wav", spoken.audio, rate)
+def _stream_to_folder(
+    synth: Synthesizer,
+    todo: Sequence[Utterance],
+    wav_dir: Path,
+    first_chunk_frames: int,
+    chunk_frames: int,
+    first_audio: list[float],
+) -> Iterator[tuple[float, Generation]]:
+    """``speak_to_folder(stream=True)``: chunks appended to ``.<id>.wav.partial`` as they come."""
+    for stale in wav_dir.glob(".*.wav.partial"):  # a killed run's unfinished files
+        stale.unlink()
+    rate, started = synth.sample_rate, time.perf_counter()
+    files: dict[str, tuple[sf.SoundFile, Path]] = {}
+    try:
+        for u, chunk in synth.stream(todo, first_chunk_frames, chunk_frames):
+            if u.id not in files:
+                partial = wav_dir / f".{u.id}.wav.partial"
+                files[u.id] = (sf.SoundFile(partial, "w", rate, 1, "PCM_16", format="WAV"), partial)
+                first_audio.append(time.perf_counter() - started)
+            file, partial = files[u.id]
+            file.write(np.clip(chunk.audio.numpy(), -1.0, 1.0))
+            file.flush()
+            if chunk.final:
+                seconds = file.frames / rate
+                file.close()
+                del files[u.id]
+                partial.replace(wav_dir / f"{u.id}.wav")
+                _write_meta(wav_dir, u, chunk.generation, seconds, rate, first_audio[-1])
+                yield seconds, chunk.generation
+    finally:
+        for file, _ in files.values():
+            file.close()
+
+
+def _write(wav_dir: Path, spoken: Spoken, rate: int) -> tuple[float, Generation]:
+    """Write ``<id>.wav`` then ``<id>.json``; returns the seconds of audio and the generation."""
+    write_wav(wav_dir / f"{spoken.utterance.id}.wav", spoken.audio, rate)
     seconds = len(spoken.audio) / rate
+    _write_meta(wav_dir, spoken.utterance, spoken.generation, seconds, rate)
+    return seconds, spoken.generation
+
+
+def _write_meta(
+    wav_dir: Path,
+    u: Utterance,
+    generation: Generation,
+    seconds: float,
+    rate: int,
+    first_audio_s: float | None = None,
+) -> None:
     meta = {
         "id": u.id,
         "text": u.text,
@@ -381,5 +477,6 @@ def _write(wav_dir: Path, spoken: Spoken, rate: int) -> float:
         "prefix_cache_hit": generation.prefix_hit,
         "seed": u.seed,
     }
+    if first_audio_s is not None:
+        meta["first_audio_s"] = round(first_audio_s, 4)  # from the run's start (streamed)
     write_json_atomic(wav_dir / f"{u.id}.json", meta)
-    return seconds

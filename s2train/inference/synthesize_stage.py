@@ -180,7 +180,15 @@ def run(cfg: S2Config) -> dict:
     ]
     model = stage_input(cfg, "pretrain", s.model)
     synth = Synthesizer.open(s, cfg.text, model, s.codec or cfg.tokenize.codec)
-    figures = speak_to_folder(synth, utterances, run_dir / "wav", progress=s.progress)
+    figures = speak_to_folder(
+        synth,
+        utterances,
+        run_dir / "wav",
+        progress=s.progress,
+        stream=s.stream,
+        first_chunk_frames=s.first_chunk_frames,
+        chunk_frames=s.chunk_frames,
+    )
     write_manifest(run_dir / "manifest.jsonl", run_dir / "wav", utterances)
     return {
         **figures,
