@@ -16,7 +16,7 @@ seed) and reads the audio as it comes. Every request generates exactly ``--frame
   to its first audio bytes, client side, mean (and 90th percentile) over requests.
 - ratio = ours frames/s / baseline frames/s, per concurrency.
 
-    python benchmarks/serve.py                    # about 4 min on this machine, 1 thread
+    python benchmarks/serve.py                    # about 1.5 min on this machine, 1 thread
     python benchmarks/serve.py --concurrency 1 8  # fewer
 
 One intra-op thread by default, as the other benchmarks (the 2-core machine also runs the clients). On a
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--codebooks", type=int, default=2, help="0: the preset's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=2, help="per client, back to back")
+    parser.add_argument("--requests", type=int, default=4, help="per client, back to back")
     parser.add_argument("--frames", type=int, default=100, help="per request (2 s of demo audio)")
     parser.add_argument("--rows", type=int, default=32, help="our server's batch rows")
     parser.add_argument("--first-chunk", type=int, default=8)
