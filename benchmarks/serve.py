@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from benchmarks.inference import SENTENCES  # noqa: E402
 from s2train.inference.synthesis import Synthesizer  # noqa: E402
 from s2train.models.codec import Codec, CodecConfig  # noqa: E402
 from s2train.models.dual_ar import DualAR, demo, s2pro  # noqa: E402
@@ -55,17 +56,6 @@ from s2train.serving.live import LiveEngine  # noqa: E402
 from s2train.serving.voices import VoiceRegistry  # noqa: E402
 from s2train.text.tokenizer import ByteTokenizer  # noqa: E402
 from s2train.training.pretrain_stage import fit_model_to_data  # noqa: E402
-
-SENTENCES = [
-    "The morning train was late again, so we walked to the office.",
-    "Please put the green box on the table near the window.",
-    "My brother likes to cook rice and beans on Sunday evenings.",
-    "We planted three apple trees behind the old stone house.",
-    "The library closes early on Fridays during the summer.",
-    "She painted the fence blue and the door a bright yellow.",
-    "Turn left at the bakery and walk two more blocks.",
-    "A cold wind came down from the hills after sunset.",
-]
 
 
 def build(args) -> tuple[DualAR, Codec, ByteTokenizer]:
