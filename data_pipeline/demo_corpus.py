@@ -467,11 +467,13 @@ SEEDTTS_VOICES = ("awb", "rms", "slt")  # the prompts of the demo's Seed-TTS-Eva
 def write_seedtts_set(out: Path, sample_rate: int) -> Path:
     """A small Seed-TTS-Eval meta list in ``out``: each flite voice speaks one training sentence as its
     prompt and two held-out sentences (``sentences/en_eval.txt``) as the ground truth of two utterances;
-    lines are ``utt|prompt_text|prompt-wavs/<voice>.wav|target_text|wavs/<utt>.wav``."""
+    lines are ``utt|prompt_text|prompt-wavs/<voice>.wav|target_text|wavs/<utt>.wav``. The same target
+    texts and ground truth also make an EmergentTTS-Eval set in upstream's layout (``eval=emergent``):
+    ``emergent/emergent_tts_eval_data.jsonl`` (category ``Demo sentences``) and ``baseline_audios/<i>.wav``."""
     meta = out / "meta.lst"
     targets = sentences("en_eval")
     prompts = sentences("en")
-    inputs = json.dumps([targets, prompts, SEEDTTS_VOICES, sample_rate]).encode()
+    inputs = json.dumps([targets, prompts, SEEDTTS_VOICES, sample_rate, "emergent"]).encode()
     stamp = hashlib.sha256(inputs).hexdigest()[:16]
     fingerprint = out / "fingerprint.txt"
     if meta.is_file() and fingerprint.is_file() and fingerprint.read_text() == stamp:
@@ -491,6 +493,17 @@ def write_seedtts_set(out: Path, sample_rate: int) -> Path:
             target = targets[(2 * v + t) % len(targets)]
             sf.write(out / "wavs" / f"{utt}.wav", synthesize(voice, target, sample_rate), sample_rate)
             lines.append(f"{utt}|{prompt_text}|prompt-wavs/{voice}.wav|{target}|wavs/{utt}.wav")
+    (out / "emergent" / "baseline_audios").mkdir(parents=True)
+    rows = []
+    for i, line in enumerate(lines):
+        utt, _, _, target, gt = line.split("|")
+        shutil.copyfile(out / gt, out / "emergent" / "baseline_audios" / f"{i}.wav")
+        rows.append(
+            {"category": "Demo sentences", "text_to_synthesize": target, "evolution_depth": 0, "utt": utt}
+        )
+    write_text_atomic(
+        out / "emergent" / "emergent_tts_eval_data.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
+    )
     write_text_atomic(fingerprint, stamp)
     write_text_atomic(meta, "\n".join(lines) + "\n")  # last: its presence means the set is whole
     return meta

@@ -1,4 +1,4 @@
-"""EmergentTTS-Eval (``eval.mode=emergent``): expressive and hard prompts, each judged by an audio-capable
+"""``stage=emergent``: EmergentTTS-Eval, expressive and hard prompts, each judged by an audio-capable
 LLM against a baseline system's audio of the same text; win rates per category.
 
 The harness follows the upstream one (boson-ai/EmergentTTS-Eval-public) in behaviour, read from it, not
@@ -8,7 +8,7 @@ copied:
   folder ``datasets``' ``save_to_disk`` wrote, or the JSONL upstream's ``download_data.py`` writes with its
   ``baseline_audios/<i>.wav``. Each row's place in the dataset is its id (upstream's ``unique_id_eval``);
   its fields ``category``, ``text_to_synthesize``, ``evolution_depth`` and the baseline ``audio``.
-- **Our audio**: the text spoken through the shared synthesis call into ``emergent/wav/<id>.wav`` (or
+- **Our audio**: the text spoken through the shared synthesis call into ``wav/emergent-<id>.wav`` (or
   read from ``eval.gen_dir``), resumable.
 - **The judge**: any OpenAI-compatible chat-completions endpoint (``judge_url``, ``judge_model``; the key
   from the environment variable ``judge_api_key_env``), given the system prompt, the user message with the
@@ -22,10 +22,17 @@ copied:
   loss 0; an answer that cannot be parsed or lacks a field counts in ``parse_failures`` and not in the
   rates. Win and tie rates are means over the judged prompts, overall (every prompt weighs the same)
   and per category and per category x evolution depth.
-- **Resumable per prompt**: every judgement is appended to ``emergent/judgements.jsonl`` as it comes; a
-  rerun judges only the prompts without one (a judge call that fails after its retries is not written).
+- **Resumable per prompt**: every judgement is appended to ``judgements.jsonl`` as it comes; a rerun
+  judges only the prompts without one (a judge call that fails after its retries is not written).
 
-Outputs in ``run_dir/emergent/``: ``judgements.jsonl``, ``results.json`` and ``report.md``.
+Outputs in the run directory (``run_root/name/emergent``, beside ``eval``'s Seed-TTS-Eval report):
+``judgements.jsonl``, ``results.json`` and ``report.md``. The settings are ``eval.emergent.*``.
+
+    EMERGENT_JUDGE_API_KEY=... python -m s2train stage=emergent name=mine \\
+        eval.emergent.data=/data/emergent_tts_eval eval.emergent.prompts=/src/EmergentTTS-Eval-public/prompts.py \\
+        eval.emergent.judge_url=https://generativelanguage.googleapis.com/v1beta/openai \\
+        eval.emergent.judge_model=gemini-2.5-pro
+    python -m s2train experiment=demo stage=emergent            # the demo model, the offline stand-in judge
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ PROMPT_NAMES = (
     "POST_AUDIO_1_MESSAGE",
     "CATEGORY_TO_CRITERION_MAP",
 )
+OFFLINE = "offline"  # judge_url for the stand-in judge that runs here (OfflineJudge)
 ANSWER_KEYS = (
     "reasoning_system_1",
     "reasoning_system_2",
@@ -86,7 +94,7 @@ class EmergentConfig:
     data: str | None = None  # the dataset's save_to_disk folder, or upstream's emergent_tts_eval_data.jsonl
     baseline_dir: str | None = None  # with a JSONL: the folder of <i>.wav; None: baseline_audios beside it
     prompts: str | None = None  # upstream's prompts.py (parsed, never run), or a JSON of the four texts
-    judge_url: str | None = None  # an OpenAI-compatible base URL, e.g. https://host/v1
+    judge_url: str | None = None  # an OpenAI-compatible base URL, e.g. https://host/v1; offline: the stand-in
     judge_model: str = "gemini-2.5-pro"
     judge_api_key_env: str = "EMERGENT_JUDGE_API_KEY"  # the environment variable holding the key
     temperature: float = 0.0
@@ -235,6 +243,55 @@ def baseline_first(prompt_id: int) -> bool:
     return bool(np.random.default_rng(prompt_id).random() > 0.5)
 
 
+def ordered(prompt: Prompt, ours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two recordings in the order the judge hears them."""
+    return (prompt.baseline, ours) if baseline_first(prompt.id) else (ours, prompt.baseline)
+
+
+class OfflineJudge:
+    """``judge_url=offline``: a stand-in judge that runs here, for the CPU demo: the recording whose
+    pocketsphinx transcript has the lower WER against the text (Seed-TTS-Eval's rules) wins; at equal WER,
+    the one with the higher DNSMOS OVRL by at least 0.1; else a tie. Its answer has the judge's JSON shape,
+    so it is parsed and aggregated like an LLM's. Not comparable with any published EmergentTTS figure."""
+
+    name = "offline stand-in: pocketsphinx WER, then DNSMOS OVRL"
+
+    def __init__(self):
+        from s2train.judges.asr import ASRConfig, PocketSphinxASR
+        from s2train.judges.quality import dnsmos_model
+
+        self.asr, self.dnsmos = PocketSphinxASR(ASRConfig()), dnsmos_model()
+
+    def __call__(self, prompt: Prompt, first: np.ndarray, second: np.ndarray) -> str:
+        from eval import seedtts
+
+        rules = seedtts.profile("official")
+        figures = []
+        for audio in (first, second):
+            [heard] = self.asr([audio], ["en"])
+            wer = seedtts.score_utterance("x", prompt.text, heard.text, "en", rules).wer
+            ovrl = self.dnsmos(audio, 1.0)["ovrl"] if len(audio) else 1.0
+            figures.append((wer, ovrl, heard.text))
+        (wer_1, ovrl_1, text_1), (wer_2, ovrl_2, text_2) = figures
+        if wer_1 != wer_2:
+            winner = 1 if wer_1 < wer_2 else 2
+        elif abs(ovrl_1 - ovrl_2) >= 0.1:
+            winner = 1 if ovrl_1 > ovrl_2 else 2
+        else:
+            winner = 0
+        grade = lambda wer: 3 if wer == 0 else 2 if wer < 0.25 else 1 if wer < 0.5 else 0  # noqa: E731
+        return json.dumps(
+            {
+                "reasoning_system_1": f"heard {text_1!r}: WER {wer_1:.3f}, DNSMOS OVRL {ovrl_1:.2f}",
+                "reasoning_system_2": f"heard {text_2!r}: WER {wer_2:.3f}, DNSMOS OVRL {ovrl_2:.2f}",
+                "system_comparison": "lower WER wins; at equal WER, DNSMOS OVRL higher by 0.1 or more",
+                "score_1": grade(wer_1),
+                "score_2": grade(wer_2),
+                "winner": winner,
+            }
+        )
+
+
 def wav_base64(audio: np.ndarray) -> str:
     buffer = io.BytesIO()
     sf.write(buffer, np.clip(audio, -1, 1), JUDGE_RATE, format="WAV", subtype="PCM_16")
@@ -251,7 +308,7 @@ def judge_request(texts: dict[str, Any], prompt: Prompt, ours: np.ndarray, e: Em
         .replace("{{{text_category}}}", prompt.category)
         .replace("{{{evaluation_criterion}}}", texts["CATEGORY_TO_CRITERION_MAP"][prompt.category])
     )
-    first, second = (prompt.baseline, ours) if baseline_first(prompt.id) else (ours, prompt.baseline)
+    first, second = ordered(prompt, ours)
     content = [
         {"type": "text", "text": user},
         {"type": "input_audio", "input_audio": {"data": wav_base64(first), "format": "wav"}},
@@ -373,19 +430,21 @@ def _our_audio(cfg: S2Config, prompts: list[Prompt], out: Path) -> tuple[Path, s
     return out / "wav", f"s2train ({model.name})"
 
 
-def run_emergent(cfg: S2Config) -> dict:
+def run(cfg: S2Config) -> dict:
     e = cfg.eval.emergent
-    texts = read_judge_texts(e.prompts)
-    prompts = load_prompts(e)
-    missing = sorted({p.category for p in prompts} - set(texts["CATEGORY_TO_CRITERION_MAP"]))
-    if missing:
-        raise ValueError(f"{e.prompts} has no criterion for the categories {missing}")
     if not e.judge_url:
         raise ValueError(
-            "eval.emergent.judge_url is required: an OpenAI-compatible endpoint, e.g. https://host/v1"
+            "eval.emergent.judge_url is required: an OpenAI-compatible endpoint (e.g. https://host/v1), or "
+            "offline for the demo's stand-in judge"
         )
-    out = Path(cfg.run_dir) / "emergent"
-    out.mkdir(parents=True, exist_ok=True)
+    offline = OfflineJudge() if e.judge_url == OFFLINE else None
+    texts = read_judge_texts(e.prompts) if offline is None else None
+    prompts = load_prompts(e)
+    if texts is not None:
+        missing = sorted({p.category for p in prompts} - set(texts["CATEGORY_TO_CRITERION_MAP"]))
+        if missing:
+            raise ValueError(f"{e.prompts} has no criterion for the categories {missing}")
+    out = Path(cfg.run_dir)
     wav_dir, system = _our_audio(cfg, prompts, out)
     done_file = out / "judgements.jsonl"
     done = {row["id"]: row for _, _, row in jsonl_lines(done_file)} if done_file.is_file() else {}
@@ -398,7 +457,10 @@ def run_emergent(cfg: S2Config) -> dict:
         if not wav.is_file():
             raise ValueError(f"no audio {wav} for prompt {prompt.id}")
         ours = _audio(wav, str(wav))
-        answer = parse_answer(call_judge(e, judge_request(texts, prompt, ours, e)))
+        if offline is not None:
+            answer = parse_answer(offline(prompt, *ordered(prompt, ours)))
+        else:
+            answer = parse_answer(call_judge(e, judge_request(texts, prompt, ours, e)))
         ours_index = 2 if baseline_first(prompt.id) else 1
         row = {
             "id": prompt.id,
@@ -414,10 +476,14 @@ def run_emergent(cfg: S2Config) -> dict:
     rows = [done[p.id] for p in prompts]
     summary = aggregate(rows)
     result = {
-        "mode": "emergent",
         "system": system,
         "baseline": "the dataset's audio",
-        "judge": {"url": e.judge_url, "model": e.judge_model, "temperature": e.temperature, "top_p": e.top_p},
+        "judge": (
+            {"url": OFFLINE, "model": OfflineJudge.name, "temperature": 0.0, "top_p": None}
+            if offline is not None
+            else {"url": e.judge_url, "model": e.judge_model, "temperature": e.temperature, "top_p": e.top_p}
+        ),
+        "comparable_with_published": offline is None,
         "prompts": len(prompts),
         **summary,
     }
@@ -432,7 +498,12 @@ def report_markdown(result: dict) -> str:
         "",
         f"Judge: `{result['judge']['model']}` at {result['judge']['url']} (temperature {result['judge']['temperature']}). "
         f"{result['prompts']} prompts, {result['parse_failures']} judgements that could not be parsed (left out). "
-        "A win counts 1, a tie 0.5; above 50 the system is preferred to the baseline.",
+        "A win counts 1, a tie 0.5; above 50 the system is preferred to the baseline."
+        + (
+            ""
+            if result["comparable_with_published"]
+            else " **Not comparable with published figures**: a stand-in judge."
+        ),
         "",
         "| category | prompts judged | win rate (%) | tie rate (%) |",
         "|---|---:|---:|---:|",

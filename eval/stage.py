@@ -14,10 +14,6 @@ a rerun skips what is done, and whichever partition completes the set writes the
 ``results.json``, ``scores.jsonl``, ``scores.csv``, ``report.md`` (beside other systems' published
 figures) and ``report.png``.
 
-``emergent``: EmergentTTS-Eval (``eval.emergent``, ``eval/emergent.py``): the dataset's prompts spoken
-by the model (or read from ``eval.gen_dir``), each judged against the dataset's baseline audio by an
-audio-capable LLM behind an OpenAI-compatible endpoint; win rates per category in ``run_dir/emergent/``.
-
 ``transcripts``: stored ASR outputs, ``{"utt", "lang", "ref", "hyp"}`` a line (``eval.input``), scored
 alone; ``results.json`` holds the figure under ``wer`` and each utterance's WER (a fraction, as the
 official per-utterance file writes it) under ``per_utt``.
@@ -43,7 +39,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from eval import report, seedtts
-from eval.emergent import EmergentConfig, run_emergent
+from eval.emergent import EmergentConfig
 from eval.meta import MetaItem, present, read_meta
 from s2train.audio import resample
 from s2train.checks import check
@@ -72,7 +68,7 @@ class EvalConfig:
     (``input``: JSONL of utt, lang, ref, hyp). ``profile`` picks the rules: ``official`` (the Seed-TTS-Eval
     scripts), ``f5`` (F5-TTS's harness), ``demo`` (the official text rules with the offline judges)."""
 
-    mode: str = "seedtts"  # seedtts | transcripts | emergent (EmergentTTS-Eval, eval.emergent)
+    mode: str = "seedtts"  # seedtts | transcripts
     profile: str = "official"  # official | f5 | demo
     meta: str | None = None  # a Seed-TTS-Eval meta.lst: utt|prompt_text|prompt_wav|target_text[|gt_wav]
     lang: str = "en"  # the meta list's language: en | zh
@@ -94,12 +90,12 @@ class EvalConfig:
     published: str | None = None  # YAML of other systems' published figures; None: the packaged one
     device: str = "auto"  # auto | cpu | cuda | cuda:<i>, for the ASR and SIM models
     progress: bool = True
-    emergent: EmergentConfig = field(default_factory=EmergentConfig)  # mode=emergent
+    emergent: EmergentConfig = field(default_factory=EmergentConfig)  # stage=emergent (EmergentTTS-Eval)
 
     def __post_init__(self) -> None:
         check(
-            self.mode in ("seedtts", "transcripts", "emergent"),
-            f"eval.mode must be seedtts, transcripts or emergent, not {self.mode!r}",
+            self.mode in ("seedtts", "transcripts"),
+            f"eval.mode must be seedtts or transcripts, not {self.mode!r}",
         )
         check(
             self.profile in ("official", "f5", "demo"),
@@ -125,8 +121,6 @@ GENERATED, GROUND_TRUTH = "generated", "ground_truth"
 
 
 def run(cfg: S2Config) -> dict | None:
-    if cfg.eval.mode == "emergent":
-        return run_emergent(cfg)
     return run_transcripts(cfg) if cfg.eval.mode == "transcripts" else run_seedtts(cfg)
 
 

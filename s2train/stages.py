@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "synthesize": "s2train.inference.synthesize_stage",
     "serve": "s2train.serving.serve_stage",
     "eval": "eval.stage",
+    "emergent": "eval.emergent",
     "demo_report": "eval.demo_report",
     "pipeline": "s2train.cli",
 }

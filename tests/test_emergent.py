@@ -189,8 +189,7 @@ def test_a_whole_run_against_a_stand_in_judge_resumes_after_a_failing_judge(tmp_
     (tmp_path / "prompts.py").write_text(JUDGE_TEXTS)
     run_dir = tmp_path / "eval"
     args = [
-        "stage=eval",
-        "eval=emergent",
+        "stage=emergent",
         f"run_dir={run_dir}",
         f"eval.gen_dir={ours}",
         f"eval.emergent.data={data}",
@@ -205,10 +204,7 @@ def test_a_whole_run_against_a_stand_in_judge_resumes_after_a_failing_judge(tmp_
     StandInJudge.fail_on = {"Did she really"}  # prompt 3's judge call fails, twice
     failed = run_cli(*args, check=False)
     assert failed.returncode != 0 and "failed 2 times" in failed.stderr
-    judged = [
-        json.loads(line)["id"]
-        for line in (run_dir / "emergent" / "judgements.jsonl").read_text().splitlines()
-    ]
+    judged = [json.loads(line)["id"] for line in (run_dir / "judgements.jsonl").read_text().splitlines()]
     assert judged == [0, 1, 2]
     StandInJudge.requests, StandInJudge.fail_on = [], set()
     monkeypatch.setenv("EMERGENT_JUDGE_API_KEY", "secret")
@@ -228,14 +224,14 @@ def test_a_whole_run_against_a_stand_in_judge_resumes_after_a_failing_judge(tmp_
     assert rate == 16000
     louder_first = np.sqrt(np.mean(clip**2)) > 0.1
     assert louder_first != baseline_first(3)  # ours (the louder) is first exactly when the baseline is not
-    result = json.loads((run_dir / "emergent" / "results.json").read_text())
+    result = json.loads((run_dir / "results.json").read_text())
     # scores 1, 0, 1, 1, 0.5 and one parse failure: (1 + 0 + 1 + 1 + 0.5) / 5
     assert (result["prompts"], result["n"], result["parse_failures"]) == (6, 5, 1)
     assert (result["win_rate"], result["tie_rate"]) == (70.0, 20.0)
     assert result["categories"]["Emotions"] == {"n": 2, "win_rate": 50.0, "tie_rate": 0.0}
     assert result["categories"]["Questions"] == {"n": 3, "win_rate": 83.33, "tie_rate": 33.33}
     assert "Pronunciation" not in result["categories"]
-    report = (run_dir / "emergent" / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
     assert "| **all** | **5** | **70.0** | **20.0** |" in report
 
 
@@ -254,3 +250,23 @@ def test_the_jsonl_layout_reads_its_baseline_audios(tmp_path):
     (tmp_path / "baseline_audios" / "2.wav").unlink()
     with pytest.raises(ValueError, match="no baseline audio"):
         load_prompts(EmergentConfig(data=str(tmp_path / "emergent_tts_eval_data.jsonl")))
+
+
+def test_the_demo_model_meets_the_flite_ground_truth_before_the_offline_judge(demo_root):
+    """The README's demo command: the demo's held-out sentences, its SFT model against the flite ground
+    truth, judged by the offline stand-in; the report sits beside eval's, labelled as not comparable."""
+    run_cli("experiment=demo", "stage=emergent", f"run_root={demo_root}", "synthesize.max_new_tokens=60")
+    out = demo_root / "demo" / "emergent"
+    result = json.loads((out / "results.json").read_text())
+    assert result["prompts"] == 6 and result["n"] + result["parse_failures"] == 6 and result["n"] >= 1
+    assert result["judge"]["url"] == "offline" and result["comparable_with_published"] is False
+    assert 0 <= result["win_rate"] <= 100 and list(result["categories"]) == ["Demo sentences"]
+    rows = [json.loads(line) for line in (out / "judgements.jsonl").read_text().splitlines()]
+    for row in rows:  # the stand-in's verdict follows its own figures: the lower WER wins
+        wers = [
+            float(row[f"reasoning_system_{i}"].split("WER ")[1].split(":")[0].split(",")[0]) for i in (1, 2)
+        ]
+        if wers[0] != wers[1]:
+            assert row["winner"] == (1 if wers[0] < wers[1] else 2), row
+    assert "Not comparable with published figures" in (out / "report.md").read_text()
+    assert sorted(p.name for p in (out / "wav").glob("*.wav")) == [f"emergent-{i:05d}.wav" for i in range(6)]
