@@ -19,7 +19,7 @@ alone; ``results.json`` holds the figure under ``wer`` and each utterance's WER 
 official per-utterance file writes it) under ``per_utt``.
 
     python -m s2train stage=eval eval.meta=/data/seedtts/en/meta.lst eval.gen_dir=/out/sys \\
-        eval.whisper=/models/large-v3.pt eval.sim_checkpoint=/models/wavlm_large_finetune.pth
+        eval.whisper_hf=/models/whisper-large-v3 eval.sim_checkpoint=/models/wavlm_large_finetune.pth
     python -m s2train stage=eval eval=transcripts eval.input=asr.jsonl eval.profile=f5
 """
 
@@ -80,8 +80,11 @@ class EvalConfig:
     # resolved); empty: the meta list's own folder
     limit: int | None = None  # the first N utterances of the meta list only
     ground_truth: bool = True  # also score the gt_wav of 5-field lines, as the ground-truth row
-    asr: str = "auto"  # auto (the profile's) | whisper | paraformer | pocketsphinx
-    whisper: str | None = None  # a local openai-whisper large-v3 .pt; None: judges.asr.whisper.checkpoint
+    asr: str = "auto"  # auto (the profile's) | whisper_hf | whisper | paraformer | pocketsphinx
+    whisper_hf: str | None = (
+        None  # the official English ASR: a local whisper-large-v3 folder (save_pretrained)
+    )
+    whisper: str | None = None  # eval.asr=whisper: a local openai-whisper large-v3 .pt (an alternative)
     paraformer: str | None = None  # a local paraformer-zh folder (zh extra); None: judges.asr.paraformer
     sim: str = "auto"  # auto (the profile's) | wavlm_ecapa | resemblyzer | speechbrain | none
     sim_checkpoint: str | None = None  # wavlm_ecapa: UniSpeech's wavlm_large_finetune.pth
@@ -107,8 +110,8 @@ class EvalConfig:
             f"eval.test_set must be test-en, test-zh or test-hard, not {self.test_set!r}",
         )
         check(
-            self.asr in ("auto", "whisper", "paraformer", "pocketsphinx"),
-            f"eval.asr must be auto, whisper, paraformer or pocketsphinx, not {self.asr!r}",
+            self.asr in ("auto", "whisper_hf", "whisper", "paraformer", "pocketsphinx"),
+            f"eval.asr must be auto, whisper_hf, whisper, paraformer or pocketsphinx, not {self.asr!r}",
         )
         check(
             self.sim in ("auto", "wavlm_ecapa", "resemblyzer", "speechbrain", "none"),
@@ -231,7 +234,9 @@ def asr_backend(e: EvalConfig) -> str:
         return e.asr
     if e.profile == "demo":
         return "pocketsphinx"
-    return "whisper" if e.lang == "en" else "paraformer"
+    if e.lang == "zh":
+        return "paraformer"
+    return "whisper" if e.profile == "f5" else "whisper_hf"  # F5-TTS's beam search: openai-whisper here
 
 
 def sim_backend(e: EvalConfig) -> str:
@@ -254,7 +259,11 @@ def judges_config(cfg: S2Config) -> JudgesConfig:
         raise ValueError("pocketsphinx transcribes English only: use eval.asr=paraformer for zh")
     whisper = dataclasses.replace(j.asr.whisper, checkpoint=e.whisper or j.asr.whisper.checkpoint)
     asr_cfg = dataclasses.replace(
-        j.asr, backend=asr, whisper=whisper, paraformer=e.paraformer or j.asr.paraformer
+        j.asr,
+        backend=asr,
+        whisper=whisper,
+        whisper_hf=e.whisper_hf or j.asr.whisper_hf,
+        paraformer=e.paraformer or j.asr.paraformer,
     )
     sim = sim_backend(e)
     speaker = j.speaker
@@ -275,9 +284,12 @@ def asr_name(e: EvalConfig, asr: ASRConfig) -> str:
         return "pocketsphinx en-us (offline demo judge)"
     if asr.backend == "paraformer":
         return "paraformer-zh (funasr, no VAD or punctuation model)"
+    if asr.backend == "whisper_hf":
+        name = Path(asr.whisper_hf).name
+        return f"whisper {name} (transformers, the official call: greedy, 448 tokens, fp32)"
     decoding = f"beam {beam_size(e)}" if beam_size(e) else "greedy"
     stem = Path(asr.whisper.checkpoint).stem
-    return f"whisper {stem} (openai-whisper, {decoding}, no timestamps, 30 s, fp32)"
+    return f"whisper {stem} (openai-whisper, {decoding}, no timestamps, 30 s, 448 tokens, fp32)"
 
 
 def transcribe(judges: JudgeSuite, e: EvalConfig, path: Path) -> str:
@@ -321,7 +333,7 @@ def _auto_device() -> str:
 
 def comparability(cfg: S2Config) -> tuple[bool, str]:
     e = cfg.eval
-    official_asr = "whisper" if e.lang == "en" else "paraformer"
+    official_asr = ("whisper" if e.profile == "f5" else "whisper_hf") if e.lang == "en" else "paraformer"
     asr, sim = asr_backend(e), sim_backend(e)
     reasons = []
     if e.profile == "demo":

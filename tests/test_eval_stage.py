@@ -191,12 +191,14 @@ def test_whisper_and_wavlm_ecapa_load_from_official_format_checkpoints(demo_set,
         "eval.limit=1",
         "eval.ground_truth=false",
         "eval.dnsmos=false",
+        "eval.asr=whisper",  # openai-whisper: the labelled alternative to the official transformers call
         f"eval.whisper={whisper_path}",
         f"eval.sim_checkpoint={sim_path}",
         f"run_dir={run_dir}",
     )
     out = results(run_dir)
     assert out["profile"] == "official" and out["comparable"] is False  # eval.limit cuts the set
+    assert "its ASR is whisper, not whisper_hf" in out["comparable_reason"]
     assert "large-v3-tiny-random" in out["asr_model"] and "greedy" in out["asr_model"]
     assert out["sim_model"] == "wavlm-large-ecapa"
     assert -1.0 <= out["sim"] <= 1.0 and out["wer"] >= 0.0
@@ -206,7 +208,7 @@ def test_official_profile_without_local_models_says_what_to_give(demo_set, tmp_p
     proc = run_cli(
         "stage=eval", f"eval.meta={demo_set}", f"run_dir={tmp_path / 'r'}", "eval.gen_dir=/tmp", check=False
     )
-    assert proc.returncode == 2 and "local openai-whisper checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "local Whisper folder in the save_pretrained layout" in proc.stderr
 
 
 def test_a_launcher_rank_becomes_the_partition_unless_partitions_are_given(monkeypatch):

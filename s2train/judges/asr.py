@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from s2train.checks import check
+from s2train.judges import JUDGE_RATE
 
 
 @dataclass
@@ -36,8 +37,9 @@ class WhisperConfig:
 
 @dataclass
 class ASRConfig:
-    backend: str = "pocketsphinx"  # pocketsphinx | whisper | paraformer
+    backend: str = "pocketsphinx"  # pocketsphinx | whisper | whisper_hf | paraformer
     whisper: WhisperConfig = field(default_factory=WhisperConfig)
+    whisper_hf: str | None = None  # whisper_hf: a local Whisper folder in the save_pretrained layout
     paraformer: str | None = None  # a local funasr paraformer-zh folder (model.pt, config.yaml, tokens)
     # Filters for hallucinated or unusable transcripts; each one is a reject reason.
     max_ngram_repeats: int = 4  # an n-gram (n = 1..4) repeated back to back more often than this
@@ -61,8 +63,8 @@ class ASRConfig:
 
     def __post_init__(self) -> None:
         check(
-            self.backend in ("pocketsphinx", "whisper", "paraformer"),
-            f"judges.asr.backend must be pocketsphinx, whisper or paraformer, not {self.backend!r}",
+            self.backend in ("pocketsphinx", "whisper", "whisper_hf", "paraformer"),
+            f"judges.asr.backend must be pocketsphinx, whisper, whisper_hf or paraformer, not {self.backend!r}",
         )
 
 
@@ -74,6 +76,13 @@ def check_paths(cfg: ASRConfig) -> None:
             raise ValueError(
                 "judges.asr.whisper.checkpoint (eval.whisper in stage=eval) must be a local openai-whisper "
                 f"checkpoint file (e.g. /models/whisper/large-v3.pt); got {checkpoint!r}. "
+                "Hub names are not downloaded."
+            )
+    elif cfg.backend == "whisper_hf":
+        if not cfg.whisper_hf or not (Path(cfg.whisper_hf) / "config.json").is_file():
+            raise ValueError(
+                "judges.asr.whisper_hf (eval.whisper_hf in stage=eval) must be a local Whisper folder in the "
+                f"save_pretrained layout (e.g. /models/whisper-large-v3); got {cfg.whisper_hf!r}. "
                 "Hub names are not downloaded."
             )
     elif cfg.backend == "paraformer":
@@ -219,8 +228,83 @@ class WhisperASR:
             beam_size=beam_size,
             without_timestamps=True,
             fp16=False,
+            sample_len=self.model.dims.n_text_ctx - 4,  # the official call's 448 tokens with its 4 of prompt
         )
         return whisper.decode(self.model, mel.to(self.device), options).text
+
+
+class TransformersWhisperASR:
+    """Seed-TTS-Eval's official English ASR call, reproduced on current transformers: a local Whisper
+    folder (``save_pretrained`` layout: large-v3) through ``WhisperProcessor`` features and
+    ``WhisperForConditionalGeneration`` in fp32, greedy, with the decoding the official
+    ``generate(input_features, forced_decoder_ids=get_decoder_prompt_ids(language="english",
+    task="transcribe"))`` does on the transformers releases where that call still runs: the prompt
+    ``<|startoftranscript|><|en|><|transcribe|><|notimestamps|>``, the folder's ``suppress_tokens`` at
+    every step and ``begin_suppress_tokens`` at the first, up to ``max_length`` (448) tokens in all, so
+    a run-away transcript gets 444 tokens (openai-whisper stops at 224), and ``batch_decode`` without
+    the special tokens. (On current releases that call fails: "model_kwargs not used".) Written as its
+    own greedy loop over the model's cached forward, so no release's ``generate`` changes it."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu"):
+        import torch
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{folder} is not a Whisper folder in the save_pretrained layout (config.json)")
+        self.processor = WhisperProcessor.from_pretrained(str(folder))
+        model = WhisperForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32)
+        self.model = model.to(device).eval()
+        self.device = device
+        g, tokenizer = model.generation_config, self.processor.tokenizer
+        self.prompt = [
+            g.decoder_start_token_id,
+            tokenizer.convert_tokens_to_ids("<|en|>"),
+            tokenizer.convert_tokens_to_ids("<|transcribe|>"),
+            tokenizer.convert_tokens_to_ids("<|notimestamps|>"),
+        ]
+        self.max_length = g.max_length or model.config.max_target_positions
+        self.suppress = list(g.suppress_tokens or [])
+        self.begin_suppress = list(g.begin_suppress_tokens or [])
+        self.eos = g.eos_token_id
+        import inspect
+
+        # transformers renames the decoder cache argument (past_key_values -> cache, from 5.x)
+        self.cache_arg = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
+
+    def token_ids(self, wav: np.ndarray) -> list[int]:
+        """The official call's tokens (prompt included) for 16 kHz samples."""
+        import torch
+
+        features = self.processor(wav, sampling_rate=JUDGE_RATE, return_tensors="pt").input_features
+        with torch.no_grad():
+            encoded = self.model.model.encoder(features.to(self.device, torch.float32)).last_hidden_state
+            tokens, step, past = list(self.prompt), list(self.prompt), None
+            while len(tokens) < self.max_length:
+                out = self.model(
+                    encoder_outputs=(encoded,),
+                    decoder_input_ids=torch.tensor([step], device=self.device),
+                    use_cache=True,
+                    **{self.cache_arg: past},
+                )
+                logits = out.logits[0, -1].float()
+                logits[self.suppress] = -float("inf")
+                if len(tokens) == len(self.prompt):
+                    logits[self.begin_suppress] = -float("inf")
+                token = int(logits.argmax())
+                tokens.append(token)
+                if token == self.eos:
+                    break
+                step, past = [token], getattr(out, "cache", None) or out.past_key_values
+        return tokens
+
+    def transcribe_window(self, wav: np.ndarray, language: str = "en", beam_size: int | None = None) -> str:
+        """The official English transcript of 16 kHz samples (English only; greedy, as the official call)."""
+        if language != "en" or beam_size:
+            raise ValueError("the official transformers Whisper call is greedy English transcription")
+        return self.processor.batch_decode([self.token_ids(wav)], skip_special_tokens=True)[0]
 
 
 class ParaformerASR:
@@ -251,9 +335,14 @@ class ParaformerASR:
         return [self.model.generate(input=str(p), batch_size_s=300)[0]["text"] for p in paths]
 
 
-def build_asr(cfg: ASRConfig, device: str = "cpu") -> PocketSphinxASR | WhisperASR | ParaformerASR:
+def build_asr(
+    cfg: ASRConfig, device: str = "cpu"
+) -> PocketSphinxASR | WhisperASR | TransformersWhisperASR | ParaformerASR:
     if cfg.backend == "whisper":
         return WhisperASR(cfg, device)
+    if cfg.backend == "whisper_hf":
+        check_paths(cfg)
+        return TransformersWhisperASR(cfg.whisper_hf, device)
     if cfg.backend == "paraformer":
         return ParaformerASR(cfg, device)
     return PocketSphinxASR(cfg)

@@ -1,0 +1,68 @@
+"""Seed-TTS-Eval's official English ASR call on current transformers: the transcripts of the new backend
+equal those the official call gave on transformers 4.40.2 (where it still runs), on a tiny random Whisper
+in the released layout, for six clips at four sample rates: four run to the 448-token limit, two end.
+The references were made by ``tests/fixtures/whisper_official/make_references.py`` (its docstring says
+how); the model and clips are rebuilt here from the same seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import scipy.signal
+import soundfile as sf
+
+from tests.conftest import run_cli
+from tests.whisper_tiny import save_model, write_clips
+
+REFERENCES = Path(__file__).resolve().parent / "fixtures" / "whisper_official" / "references.json"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("whisper_official")
+    return save_model(root / "whisper-large-v3-tiny-random"), write_clips(root / "clips")
+
+
+def test_the_official_call_is_reproduced_token_for_token(tiny):
+    from s2train.judges.asr import TransformersWhisperASR
+
+    folder, clips = tiny
+    references = json.loads(REFERENCES.read_text())
+    assert references["transformers"] == "4.40.2" and len(references["clips"]) >= 5
+    asr = TransformersWhisperASR(folder)
+    lengths = []
+    for name, reference in references["clips"].items():
+        wav, rate = sf.read(str(clips / f"{name}.wav"))
+        if rate != 16000:  # as the official script resamples
+            wav = scipy.signal.resample(wav, int(len(wav) * 16000 / rate))
+        ids = asr.token_ids(wav)
+        assert ids == reference["ids"], name
+        assert asr.transcribe_window(wav) == reference["text"], name
+        lengths.append(len(ids))
+    assert lengths.count(448) >= 1 and min(lengths) < 448  # run-away transcripts hit the limit, others end
+
+
+def test_the_official_profile_transcribes_with_it_by_default_and_says_so(tiny, tmp_path):
+    folder, clips = tiny
+    meta = clips / "meta.lst"
+    meta.write_text("clip-4|A prompt.|clip-0.wav|Some words to say.\n")
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "clip-4.wav").write_bytes((clips / "clip-4.wav").read_bytes())
+    run_cli(
+        "stage=eval",
+        f"eval.meta={meta}",
+        f"eval.gen_dir={gen}",
+        f"eval.whisper_hf={folder}",
+        "eval.sim=none",
+        "eval.dnsmos=false",
+        f"run_dir={tmp_path / 'eval'}",
+    )
+    out = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert out["profile"] == "official" and "transformers, the official call" in out["asr_model"]
+    assert "its ASR" not in out["comparable_reason"]
+    reference = json.loads(REFERENCES.read_text())["clips"]["clip-4"]["text"]
+    scores = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert [s["hyp"] for s in scores] == [reference]
