@@ -80,11 +80,14 @@ class EvalConfig:
     # resolved); empty: the meta list's own folder
     limit: int | None = None  # the first N utterances of the meta list only
     ground_truth: bool = True  # also score the gt_wav of 5-field lines, as the ground-truth row
-    asr: str = "auto"  # auto (the profile's) | whisper_hf | whisper | paraformer | pocketsphinx
+    asr: str = (
+        "auto"  # auto (the profile's) | whisper_hf | faster_whisper | whisper | paraformer | pocketsphinx
+    )
     whisper_hf: str | None = (
         None  # the official English ASR: a local whisper-large-v3 folder (save_pretrained)
     )
     whisper: str | None = None  # eval.asr=whisper: a local openai-whisper large-v3 .pt (an alternative)
+    faster_whisper: str | None = None  # the f5 profile's English ASR: a local CTranslate2 large-v3 folder
     paraformer: str | None = None  # a local paraformer-zh folder (zh extra); None: judges.asr.paraformer
     sim: str = "auto"  # auto (the profile's) | wavlm_ecapa | resemblyzer | speechbrain | none
     sim_checkpoint: str | None = None  # wavlm_ecapa: UniSpeech's wavlm_large_finetune.pth
@@ -110,8 +113,9 @@ class EvalConfig:
             f"eval.test_set must be test-en, test-zh or test-hard, not {self.test_set!r}",
         )
         check(
-            self.asr in ("auto", "whisper_hf", "whisper", "paraformer", "pocketsphinx"),
-            f"eval.asr must be auto, whisper_hf, whisper, paraformer or pocketsphinx, not {self.asr!r}",
+            self.asr in ("auto", "whisper_hf", "faster_whisper", "whisper", "paraformer", "pocketsphinx"),
+            "eval.asr must be auto, whisper_hf, faster_whisper, whisper, paraformer or pocketsphinx, not "
+            f"{self.asr!r}",
         )
         check(
             self.sim in ("auto", "wavlm_ecapa", "resemblyzer", "speechbrain", "none"),
@@ -236,7 +240,7 @@ def asr_backend(e: EvalConfig) -> str:
         return "pocketsphinx"
     if e.lang == "zh":
         return "paraformer"
-    return "whisper" if e.profile == "f5" else "whisper_hf"  # F5-TTS's beam search: openai-whisper here
+    return "faster_whisper" if e.profile == "f5" else "whisper_hf"
 
 
 def sim_backend(e: EvalConfig) -> str:
@@ -263,6 +267,7 @@ def judges_config(cfg: S2Config) -> JudgesConfig:
         backend=asr,
         whisper=whisper,
         whisper_hf=e.whisper_hf or j.asr.whisper_hf,
+        faster_whisper=e.faster_whisper or j.asr.faster_whisper,
         paraformer=e.paraformer or j.asr.paraformer,
     )
     sim = sim_backend(e)
@@ -284,6 +289,9 @@ def asr_name(e: EvalConfig, asr: ASRConfig) -> str:
         return "pocketsphinx en-us (offline demo judge)"
     if asr.backend == "paraformer":
         return "paraformer-zh (funasr, no VAD or punctuation model)"
+    if asr.backend == "faster_whisper":
+        name = Path(asr.faster_whisper).name
+        return f"whisper {name} (faster-whisper, F5-TTS's options: beam 5, language en)"
     if asr.backend == "whisper_hf":
         name = Path(asr.whisper_hf).name
         return f"whisper {name} (transformers, the official call: greedy, 448 tokens, fp32)"
@@ -296,7 +304,7 @@ def transcribe(judges: JudgeSuite, e: EvalConfig, path: Path) -> str:
     """The official transcript of one file: Paraformer reads the file itself, Whisper decodes one 30 s
     window of ``read_for_asr``'s samples (with F5-TTS's beam under its profile)."""
     backend = judges.cfg.asr.backend
-    if backend == "paraformer":
+    if backend in ("paraformer", "faster_whisper"):  # each reads the file itself, as upstream runs it
         return judges.asr.transcribe_files([path])[0]
     wav = read_for_asr(path)
     if backend == "pocketsphinx":
@@ -333,7 +341,9 @@ def _auto_device() -> str:
 
 def comparability(cfg: S2Config) -> tuple[bool, str]:
     e = cfg.eval
-    official_asr = ("whisper" if e.profile == "f5" else "whisper_hf") if e.lang == "en" else "paraformer"
+    official_asr = (
+        ("faster_whisper" if e.profile == "f5" else "whisper_hf") if e.lang == "en" else "paraformer"
+    )
     asr, sim = asr_backend(e), sim_backend(e)
     reasons = []
     if e.profile == "demo":

@@ -238,8 +238,8 @@ def test_eval_maps_its_keys_onto_the_judges_config(tmp_path):
     assert (official.asr.backend, official.asr.whisper_hf) == ("whisper_hf", "/m/whisper-large-v3")
     alternative = mapped(asr="whisper", whisper="/m/large-v3.pt")
     assert (alternative.asr.backend, alternative.asr.whisper.checkpoint) == ("whisper", "/m/large-v3.pt")
-    f5 = mapped(profile="f5", whisper="/m/large-v3.pt")  # F5-TTS's beam search runs in openai-whisper
-    assert f5.asr.backend == "whisper"
+    f5 = mapped(profile="f5", faster_whisper="/m/faster-whisper-large-v3")  # as F5-TTS transcribes
+    assert (f5.asr.backend, f5.asr.faster_whisper) == ("faster_whisper", "/m/faster-whisper-large-v3")
     assert (official.speaker.backend, official.speaker.checkpoint) == ("wavlm_ecapa", "/m/wavlm.pth")
     zh = mapped(lang="zh", paraformer="/m/paraformer-zh", sim="speechbrain", speechbrain="/m/ecapa")
     assert (zh.asr.backend, zh.asr.paraformer) == ("paraformer", "/m/paraformer-zh")

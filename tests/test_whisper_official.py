@@ -66,3 +66,41 @@ def test_the_official_profile_transcribes_with_it_by_default_and_says_so(tiny, t
     reference = json.loads(REFERENCES.read_text())["clips"]["clip-4"]["text"]
     scores = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
     assert [s["hyp"] for s in scores] == [reference]
+
+
+def test_the_f5_profile_transcribes_as_f5_tts_does_with_faster_whisper(tiny, tmp_path):
+    """F5-TTS's call (faster-whisper, beam 5, English, the segments joined each after a space) on the same
+    tiny Whisper converted to CTranslate2; the f5 profile uses it by default and says so."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    from faster_whisper import WhisperModel
+
+    folder, clips = tiny
+    ct2 = tmp_path / "faster-whisper-tiny-random"
+    files = ["tokenizer.json", "preprocessor_config.json"]
+    TransformersConverter(str(folder), copy_files=files).convert(str(ct2), quantization="float32")
+    model = WhisperModel(str(ct2), device="cpu", compute_type="float32")
+    ctranslate2.set_random_seed(0)  # the random model's transcripts fall back to sampling: seeded
+    segments, _ = model.transcribe(str(clips / "clip-2.wav"), beam_size=5, language="en")
+    f5_hypothesis = ""
+    for segment in segments:  # F5-TTS's own join
+        f5_hypothesis = f5_hypothesis + " " + segment.text
+    meta = clips / "meta-f5.lst"
+    meta.write_text("clip-2|A prompt.|clip-0.wav|Some words to say.\n")
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "clip-2.wav").write_bytes((clips / "clip-2.wav").read_bytes())
+    run_cli(
+        "stage=eval",
+        "eval.profile=f5",
+        f"eval.meta={meta}",
+        f"eval.gen_dir={gen}",
+        f"eval.faster_whisper={ct2}",
+        "eval.sim=none",
+        "eval.dnsmos=false",
+        f"run_dir={tmp_path / 'eval'}",
+    )
+    out = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert "faster-whisper" in out["asr_model"] and "its ASR" not in out["comparable_reason"]
+    scores = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert [s["hyp"] for s in scores] == [f5_hypothesis] and f5_hypothesis.startswith(" ")

@@ -37,9 +37,10 @@ class WhisperConfig:
 
 @dataclass
 class ASRConfig:
-    backend: str = "pocketsphinx"  # pocketsphinx | whisper | whisper_hf | paraformer
+    backend: str = "pocketsphinx"  # pocketsphinx | whisper | whisper_hf | faster_whisper | paraformer
     whisper: WhisperConfig = field(default_factory=WhisperConfig)
     whisper_hf: str | None = None  # whisper_hf: a local Whisper folder in the save_pretrained layout
+    faster_whisper: str | None = None  # faster_whisper: a local CTranslate2 Whisper folder (F5-TTS's ASR)
     paraformer: str | None = None  # a local funasr paraformer-zh folder (model.pt, config.yaml, tokens)
     # Filters for hallucinated or unusable transcripts; each one is a reject reason.
     max_ngram_repeats: int = 4  # an n-gram (n = 1..4) repeated back to back more often than this
@@ -63,8 +64,9 @@ class ASRConfig:
 
     def __post_init__(self) -> None:
         check(
-            self.backend in ("pocketsphinx", "whisper", "whisper_hf", "paraformer"),
-            f"judges.asr.backend must be pocketsphinx, whisper, whisper_hf or paraformer, not {self.backend!r}",
+            self.backend in ("pocketsphinx", "whisper", "whisper_hf", "faster_whisper", "paraformer"),
+            "judges.asr.backend must be pocketsphinx, whisper, whisper_hf, faster_whisper or paraformer, not "
+            f"{self.backend!r}",
         )
 
 
@@ -83,6 +85,13 @@ def check_paths(cfg: ASRConfig) -> None:
             raise ValueError(
                 "judges.asr.whisper_hf (eval.whisper_hf in stage=eval) must be a local Whisper folder in the "
                 f"save_pretrained layout (e.g. /models/whisper-large-v3); got {cfg.whisper_hf!r}. "
+                "Hub names are not downloaded."
+            )
+    elif cfg.backend == "faster_whisper":
+        if not cfg.faster_whisper or not (Path(cfg.faster_whisper) / "model.bin").is_file():
+            raise ValueError(
+                "judges.asr.faster_whisper (eval.faster_whisper in stage=eval) must be a local CTranslate2 Whisper "
+                f"folder (model.bin, tokenizer.json; e.g. faster-whisper-large-v3); got {cfg.faster_whisper!r}. "
                 "Hub names are not downloaded."
             )
     elif cfg.backend == "paraformer":
@@ -307,6 +316,44 @@ class TransformersWhisperASR:
         return self.processor.batch_decode([self.token_ids(wav)], skip_special_tokens=True)[0]
 
 
+class FasterWhisperASR:
+    """F5-TTS's English ASR (``f5_tts/eval/utils_eval.py``): faster-whisper (CTranslate2) from a local folder
+    (large-v3 converted), float16 on a GPU as F5 runs it, float32 on a CPU; each file transcribed with
+    ``beam_size=5, language="en"`` and faster-whisper's other defaults (temperature fallback, no VAD
+    filter); the transcript is every segment's text, each after a space, as F5 joins them. The temperature
+    fallback samples; CTranslate2's generator is seeded (0) before each file, so a rerun gives the same
+    transcript."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu"):
+        try:
+            from faster_whisper import WhisperModel
+        except ImportError as error:
+            raise ValueError(
+                "the f5 profile's ASR needs faster-whisper: pip install faster-whisper"
+            ) from error
+        kind, _, index = device.partition(":")
+        self.model = WhisperModel(
+            str(folder),
+            device=kind,
+            device_index=int(index or 0),
+            compute_type="float16" if kind == "cuda" else "float32",
+        )
+
+    def transcribe_files(self, paths: list[str | Path]) -> list[str]:
+        """F5-TTS's transcript of each file (faster-whisper reads and resamples it itself)."""
+        import ctranslate2
+
+        out = []
+        for path in paths:
+            ctranslate2.set_random_seed(0)
+            segments, _ = self.model.transcribe(str(path), beam_size=5, language="en")
+            hypothesis = ""
+            for segment in segments:
+                hypothesis = hypothesis + " " + segment.text
+            out.append(hypothesis)
+        return out
+
+
 class ParaformerASR:
     """Paraformer-zh through funasr (the ``zh`` extra), from a local model folder, with no VAD and no
     punctuation model, as Seed-TTS-Eval runs it."""
@@ -337,12 +384,15 @@ class ParaformerASR:
 
 def build_asr(
     cfg: ASRConfig, device: str = "cpu"
-) -> PocketSphinxASR | WhisperASR | TransformersWhisperASR | ParaformerASR:
+) -> PocketSphinxASR | WhisperASR | TransformersWhisperASR | FasterWhisperASR | ParaformerASR:
     if cfg.backend == "whisper":
         return WhisperASR(cfg, device)
     if cfg.backend == "whisper_hf":
         check_paths(cfg)
         return TransformersWhisperASR(cfg.whisper_hf, device)
+    if cfg.backend == "faster_whisper":
+        check_paths(cfg)
+        return FasterWhisperASR(cfg.faster_whisper, device)
     if cfg.backend == "paraformer":
         return ParaformerASR(cfg, device)
     return PocketSphinxASR(cfg)
