@@ -182,3 +182,64 @@ def test_missing_generated_files_are_skipped_and_counted(tmp_path):
     found, skipped = present(read_meta(meta), gen)
     assert [i.utt for i in found] == ["u0", "u2"]
     assert skipped == ["u1", "u3"]
+
+
+def _f5_code_path(rows: list[tuple[str, str, str]]) -> float:
+    """F5-TTS's WER (``run_asr_wer`` and its caller in ``f5_tts/eval``), written here from its description:
+    every character of zhon's and ASCII punctuation replaced by nothing, one pass of double space to
+    single, English lowercased, Chinese hypotheses simplified and both sides split into characters; jiwer
+    per utterance; the mean rounded to 5 decimals of the fraction."""
+    import string
+
+    import jiwer
+    import numpy as np
+    import zhconv
+    from zhon.hanzi import punctuation
+
+    values = []
+    for lang, truth, hypo in rows:
+        for x in punctuation + string.punctuation:
+            truth = truth.replace(x, "")
+            hypo = hypo.replace(x, "")
+        truth, hypo = truth.replace("  ", " "), hypo.replace("  ", " ")
+        if lang == "zh":
+            hypo = zhconv.convert(hypo, "zh-cn")
+            truth, hypo = " ".join(truth), " ".join(hypo)
+        else:
+            truth, hypo = truth.lower(), hypo.lower()
+        values.append(jiwer.process_words(truth, hypo).wer)
+    return round(float(np.mean(values)), 5)
+
+
+F5_CASES = [
+    ("en", "It's Bob's well-known cafe, isn't it?", " its bobs wellknown cafe isn't it"),
+    ("en", "“Great” — she said.  Twice!", " Great she said twice"),
+    ("en", "Numbers: 3.5 kg, 20%.", " numbers 35 kilograms 20"),
+    ("en", "A completely different sentence.", " nothing alike at all here"),
+    ("zh", "我們說話，好嗎？", "我们说话好吗"),
+    ("zh", "我用iPhone拍照。", "我用 iphone 拍照"),
+]
+
+
+def test_the_f5_profile_gives_f5_tts_figures_on_stored_transcripts(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    rows = [
+        {"utt": f"u{i}", "lang": lang, "ref": ref, "hyp": hyp} for i, (lang, ref, hyp) in enumerate(F5_CASES)
+    ]
+    (tmp_path / "asr.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    run_cli("stage=eval", "eval=transcripts", f"eval.input={tmp_path / 'asr.jsonl'}", "eval.profile=f5",
+            f"run_dir={tmp_path / 'eval'}")  # fmt: skip
+    out = json.loads((tmp_path / "eval" / "results.json").read_text())
+    f5 = _f5_code_path(F5_CASES)
+    assert out["wer"] == round(f5 * 100, 3)  # F5 prints the fraction; the figure here is in percent
+    for lang in ("en", "zh"):
+        assert out["wer_by_lang"][lang] == round(
+            _f5_code_path([c for c in F5_CASES if c[0] == lang]) * 100, 3
+        )
+    official = seedtts.summarize(
+        [seedtts.score_utterance("u", ref, hyp, lang, OFFICIAL) for lang, ref, hyp in F5_CASES], OFFICIAL
+    )["wer"]
+    assert official != out["wer"]  # the apostrophes count under the official rules
