@@ -14,7 +14,7 @@ from pathlib import Path
 
 SEED = 0
 STD = 0.05  # the weights' spread (layer-norm gains: 1 + 2 x this)
-END_SCALE = 4.0  # how much likelier <|endoftext|> is made: two clips end early, four run to the limit
+END_SCALE = -2.5  # <|endoftext|>'s row, scaled: one clip's transcript ends, the others run to the limit
 
 
 def generation_settings() -> dict:
@@ -85,7 +85,8 @@ def save_tokenizer(folder: Path) -> None:
 def build_model():
     """The tiny random model (1 encoder and 1 decoder layer of width 64, large-v3's 128 mel bins and 51,866
     ids); every weight drawn from N(0, 0.05) by one seeded generator, parameter by parameter in name order;
-    the row of ``<|endoftext|>`` scaled so that some transcripts end and others run to the length limit."""
+    the row of ``<|endoftext|>`` scaled (``END_SCALE``) so that one transcript ends and the others run to the
+    length limit."""
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
@@ -97,8 +98,8 @@ def build_model():
         decoder_layers=1,
         encoder_attention_heads=2,
         decoder_attention_heads=2,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
+        encoder_ffn_dim=256,  # 4 x d_model: the only width openai-whisper builds
+        decoder_ffn_dim=256,
         max_source_positions=1500,
         max_target_positions=448,
         decoder_start_token_id=50258,
@@ -158,3 +159,51 @@ def write_clips(folder: str | Path) -> Path:
     for name, (samples, rate) in clips().items():
         sf.write(folder / f"{name}.wav", samples, rate, subtype="PCM_16")
     return folder
+
+
+def save_openai_checkpoint(folder: str | Path, path: str | Path) -> Path:
+    """The same model in openai-whisper's layout (``{"dims", "model_state_dict"}``, its parameter names)."""
+    import re
+    from dataclasses import asdict
+
+    import torch
+    from transformers import WhisperForConditionalGeneration
+    from whisper.model import ModelDimensions
+
+    model = WhisperForConditionalGeneration.from_pretrained(str(folder))
+    c = model.config
+    dims = ModelDimensions(
+        n_mels=c.num_mel_bins, n_audio_ctx=c.max_source_positions, n_audio_state=c.d_model,
+        n_audio_head=c.encoder_attention_heads, n_audio_layer=c.encoder_layers, n_vocab=c.vocab_size,
+        n_text_ctx=c.max_target_positions, n_text_state=c.d_model, n_text_head=c.decoder_attention_heads,
+        n_text_layer=c.decoder_layers,
+    )  # fmt: skip
+    renames = [
+        (r"^model\.encoder\.embed_positions\.weight$", "encoder.positional_embedding"),
+        (r"^model\.decoder\.embed_positions\.weight$", "decoder.positional_embedding"),
+        (r"^model\.decoder\.embed_tokens\.", "decoder.token_embedding."),
+        (r"^model\.encoder\.layer_norm\.", "encoder.ln_post."),
+        (r"^model\.decoder\.layer_norm\.", "decoder.ln."),
+        (r"^model\.(encoder|decoder)\.layers\.", r"\1.blocks."),
+        (r"^model\.encoder\.", "encoder."),
+        (r"\.self_attn\.", ".attn."),
+        (r"\.encoder_attn\.", ".cross_attn."),
+        (r"\.self_attn_layer_norm\.", ".attn_ln."),
+        (r"\.encoder_attn_layer_norm\.", ".cross_attn_ln."),
+        (r"\.final_layer_norm\.", ".mlp_ln."),
+        (r"\.fc1\.", ".mlp.0."),
+        (r"\.fc2\.", ".mlp.2."),
+        (r"\.q_proj\.", ".query."),
+        (r"\.k_proj\.", ".key."),
+        (r"\.v_proj\.", ".value."),
+        (r"\.out_proj\.", ".out."),
+    ]
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "proj_out.weight":  # tied to the token embedding
+            continue
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name)
+        state[name] = tensor.clone()
+    torch.save({"dims": asdict(dims), "model_state_dict": state}, str(path))
+    return Path(path)
