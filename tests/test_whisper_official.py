@@ -59,27 +59,26 @@ def test_openai_whisper_in_its_layout_gives_the_official_transcripts_to_the_same
         assert asr.transcribe_window(wav.astype("float32"), "en") == reference["text"].strip(), name
 
 
-def test_the_official_profile_transcribes_with_it_by_default_and_says_so(tiny, tmp_path):
-    folder, clips = tiny
-    meta = clips / "meta.lst"
-    meta.write_text("clip-4|A prompt.|clip-0.wav|Some words to say.\n")
+def score_one(clips: Path, clip: str, tmp_path: Path, *overrides: str) -> tuple[dict, list[dict]]:
+    """``stage=eval`` on a one-line meta list whose generated audio is ``clip``: results and scores."""
+    meta = tmp_path / "meta.lst"
+    meta.write_text(f"{clip}|A prompt.|{clips / 'clip-0.wav'}|Some words to say.\n")
     gen = tmp_path / "gen"
     gen.mkdir()
-    (gen / "clip-4.wav").write_bytes((clips / "clip-4.wav").read_bytes())
-    run_cli(
-        "stage=eval",
-        f"eval.meta={meta}",
-        f"eval.gen_dir={gen}",
-        f"eval.whisper_hf={folder}",
-        "eval.sim=none",
-        "eval.dnsmos=false",
-        f"run_dir={tmp_path / 'eval'}",
-    )
-    out = json.loads((tmp_path / "eval" / "results.json").read_text())
+    (gen / f"{clip}.wav").write_bytes((clips / f"{clip}.wav").read_bytes())
+    run_dir = tmp_path / "eval"
+    run_cli("stage=eval", f"eval.meta={meta}", f"eval.gen_dir={gen}", f"eval.audio_dirs=[{clips}]",
+            "eval.sim=none", "eval.dnsmos=false", f"run_dir={run_dir}", *overrides)  # fmt: skip
+    scores = [json.loads(line) for line in (run_dir / "scores.jsonl").read_text().splitlines()]
+    return json.loads((run_dir / "results.json").read_text()), scores
+
+
+def test_the_official_profile_transcribes_with_it_by_default_and_says_so(tiny, tmp_path):
+    folder, clips = tiny
+    out, scores = score_one(clips, "clip-4", tmp_path, f"eval.whisper_hf={folder}")
     assert out["profile"] == "official" and "transformers, the official call" in out["asr_model"]
     assert "its ASR" not in out["comparable_reason"]
     reference = json.loads(REFERENCES.read_text())["clips"]["clip-4"]["text"]
-    scores = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
     assert [s["hyp"] for s in scores] == [reference]
 
 
@@ -100,22 +99,6 @@ def test_the_f5_profile_transcribes_as_f5_tts_does_with_faster_whisper(tiny, tmp
     f5_hypothesis = ""
     for segment in segments:  # F5-TTS's own join
         f5_hypothesis = f5_hypothesis + " " + segment.text
-    meta = clips / "meta-f5.lst"
-    meta.write_text("clip-2|A prompt.|clip-0.wav|Some words to say.\n")
-    gen = tmp_path / "gen"
-    gen.mkdir()
-    (gen / "clip-2.wav").write_bytes((clips / "clip-2.wav").read_bytes())
-    run_cli(
-        "stage=eval",
-        "eval.profile=f5",
-        f"eval.meta={meta}",
-        f"eval.gen_dir={gen}",
-        f"eval.faster_whisper={ct2}",
-        "eval.sim=none",
-        "eval.dnsmos=false",
-        f"run_dir={tmp_path / 'eval'}",
-    )
-    out = json.loads((tmp_path / "eval" / "results.json").read_text())
+    out, scores = score_one(clips, "clip-2", tmp_path, "eval.profile=f5", f"eval.faster_whisper={ct2}")
     assert "faster-whisper" in out["asr_model"] and "its ASR" not in out["comparable_reason"]
-    scores = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
     assert [s["hyp"] for s in scores] == [f5_hypothesis] and f5_hypothesis.startswith(" ")

@@ -70,37 +70,30 @@ class ASRConfig:
         )
 
 
+# backend -> (its ASRConfig field, eval's key, what it must be, how a path is checked)
+LOCAL_MODELS = {
+    "whisper": ("whisper.checkpoint", "eval.whisper", "a local openai-whisper checkpoint file (e.g. "
+                "/models/whisper/large-v3.pt)", lambda p: p.is_file()),
+    "whisper_hf": ("whisper_hf", "eval.whisper_hf", "a local Whisper folder in the save_pretrained layout (e.g. "
+                   "/models/whisper-large-v3)", lambda p: (p / "config.json").is_file()),
+    "faster_whisper": ("faster_whisper", "eval.faster_whisper", "a local CTranslate2 Whisper folder (model.bin, "
+                       "tokenizer.json; e.g. faster-whisper-large-v3)", lambda p: (p / "model.bin").is_file()),
+    "paraformer": ("paraformer", "eval.paraformer", "a local paraformer-zh model folder (funasr's model.pt, "
+                   "config.yaml, tokens)", lambda p: p.is_dir()),
+}  # fmt: skip
+
+
 def check_paths(cfg: ASRConfig) -> None:
     """The ValueError building this backend would raise for a missing local model, without building it."""
-    if cfg.backend == "whisper":
-        checkpoint = cfg.whisper.checkpoint
-        if not checkpoint or not Path(checkpoint).is_file():
-            raise ValueError(
-                "judges.asr.whisper.checkpoint (eval.whisper in stage=eval) must be a local openai-whisper "
-                f"checkpoint file (e.g. /models/whisper/large-v3.pt); got {checkpoint!r}. "
-                "Hub names are not downloaded."
-            )
-    elif cfg.backend == "whisper_hf":
-        if not cfg.whisper_hf or not (Path(cfg.whisper_hf) / "config.json").is_file():
-            raise ValueError(
-                "judges.asr.whisper_hf (eval.whisper_hf in stage=eval) must be a local Whisper folder in the "
-                f"save_pretrained layout (e.g. /models/whisper-large-v3); got {cfg.whisper_hf!r}. "
-                "Hub names are not downloaded."
-            )
-    elif cfg.backend == "faster_whisper":
-        if not cfg.faster_whisper or not (Path(cfg.faster_whisper) / "model.bin").is_file():
-            raise ValueError(
-                "judges.asr.faster_whisper (eval.faster_whisper in stage=eval) must be a local CTranslate2 Whisper "
-                f"folder (model.bin, tokenizer.json; e.g. faster-whisper-large-v3); got {cfg.faster_whisper!r}. "
-                "Hub names are not downloaded."
-            )
-    elif cfg.backend == "paraformer":
-        if not cfg.paraformer or not Path(cfg.paraformer).is_dir():
-            raise ValueError(
-                "judges.asr.paraformer (eval.paraformer in stage=eval) must be a local paraformer-zh model "
-                f"folder (funasr's model.pt, config.yaml, tokens); got {cfg.paraformer!r}. "
-                "Hub names are not downloaded."
-            )
+    if cfg.backend not in LOCAL_MODELS:
+        return
+    key, eval_key, what, present = LOCAL_MODELS[cfg.backend]
+    value = cfg.whisper.checkpoint if key == "whisper.checkpoint" else getattr(cfg, key)
+    if not value or not present(Path(value)):
+        raise ValueError(
+            f"judges.asr.{key} ({eval_key} in stage=eval) must be {what}; got {value!r}. "
+            "Hub names are not downloaded."
+        )
 
 
 @dataclass
