@@ -57,7 +57,7 @@ import soundfile as sf
 from s2train.audio import resample, to_mono
 from s2train.checks import check
 from s2train.judges import JUDGE_RATE
-from s2train.runs import jsonl_lines, write_json_atomic, write_text_atomic
+from s2train.runs import append_jsonl, jsonl_lines, read_appended, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from s2train.config import S2Config
@@ -447,7 +447,7 @@ def run(cfg: S2Config) -> dict:
     out = Path(cfg.run_dir)
     wav_dir, system = _our_audio(cfg, prompts, out)
     done_file = out / "judgements.jsonl"
-    done = {row["id"]: row for _, _, row in jsonl_lines(done_file)} if done_file.is_file() else {}
+    done = {row["id"]: row for row in read_appended(done_file)}  # a line a kill cut short is judged again
     from tqdm import tqdm
 
     for prompt in tqdm(prompts, desc="emergent judge", unit="prompt", disable=not cfg.eval.progress):
@@ -470,8 +470,7 @@ def run(cfg: S2Config) -> dict:
             "score": outcome(answer["winner"], ours_index),
             **answer,
         }
-        with done_file.open("a", encoding="utf-8") as f:  # one line a judgement, as it comes
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        append_jsonl(done_file, row)  # one line a judgement, as it comes
         done[prompt.id] = row
     rows = [done[p.id] for p in prompts]
     summary = aggregate(rows)

@@ -54,7 +54,14 @@ from s2train.judges import JUDGE_RATE
 from s2train.judges.asr import ASRConfig
 from s2train.judges.sim_wavlm import WavLMEcapaSim, load_audio_like_upstream
 from s2train.judges.suite import JudgesConfig, JudgeSuite
-from s2train.runs import jsonl_lines, stage_input, write_json_atomic, write_text_atomic
+from s2train.runs import (
+    append_jsonl,
+    jsonl_lines,
+    read_appended,
+    stage_input,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     from s2train.config import S2Config
@@ -384,20 +391,9 @@ def _read_records(parts: Path) -> dict[tuple[str, str], dict]:
     """Every scored utterance of every partition, keyed by (system, utt); a torn last line is ignored."""
     records = {}
     for path in sorted(parts.glob("part-*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
+        for row in read_appended(path):
             records[(row["system"], row["utt"])] = row
     return records
-
-
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def generate(cfg: S2Config, items: list[MetaItem]) -> Path:
@@ -480,7 +476,7 @@ def run_seedtts(cfg: S2Config) -> dict:
         row["sim"] = similarity(judges, sim, wav, item.prompt_wav)
         if e.dnsmos:
             row.update(dnsmos_scores(judges, wav))
-        _append(part_file, row)
+        append_jsonl(part_file, row)
 
     # whichever partition finds every utterance scored writes the report
     all_found, skipped = present(items, gen_dir)

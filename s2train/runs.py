@@ -148,6 +148,27 @@ def remove_stale_temporaries(folder: Path, mine: Callable[[str], bool] = lambda 
     return len(stale)
 
 
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one record to a log a rerun reads back (``read_appended``), on disk before this returns."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_appended(path: Path) -> list[Any]:
+    """The records of a log this project appends to, in order; a line a kill cut short is left out."""
+    if not Path(path).exists():
+        return []
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def jsonl_lines(path: Path) -> Iterator[tuple[int, str, Any]]:
     """``(line number, where, value)`` for each non-blank line of a user's JSONL file, ``where`` naming the file and
     line for error messages; a line that is not JSON is refused with that name."""

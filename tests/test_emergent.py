@@ -206,6 +206,8 @@ def test_a_whole_run_against_a_stand_in_judge_resumes_after_a_failing_judge(tmp_
     assert failed.returncode != 0 and "failed 2 times" in failed.stderr
     judged = [json.loads(line)["id"] for line in (run_dir / "judgements.jsonl").read_text().splitlines()]
     assert judged == [0, 1, 2]
+    with (run_dir / "judgements.jsonl").open("a") as f:  # a judgement a kill cut short: judged again
+        f.write('{"id": 3, "category": "Quest')
     StandInJudge.requests, StandInJudge.fail_on = [], set()
     monkeypatch.setenv("EMERGENT_JUDGE_API_KEY", "secret")
     run_cli(*args)

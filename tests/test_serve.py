@@ -431,8 +431,7 @@ def test_the_page_speaks_as_it_streams_and_shows_errors(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     chromium = "/usr/bin/chromium"
-    if not Path(chromium).exists():
-        pytest.skip("Debian's chromium is not installed (setup.sh installs it)")
+    assert Path(chromium).exists(), "Debian's chromium is missing: setup.sh installs it"
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=chromium, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"]

@@ -311,13 +311,17 @@ class Synthesizer:
             return np.zeros(0, dtype=np.float32)
         return self.codec.decode(codes.to(next(self.codec.parameters()).device))[0, 0].float().cpu().numpy()
 
-    def speak(self, utterances: Sequence[Utterance]) -> Iterator[Spoken]:
-        """Every utterance spoken, in the order they finish; prompts are built ``4 x batch_size`` at a time,
-        so memory stays bounded however many there are."""
+    def _parts(self, utterances: Sequence[Utterance]) -> Iterator[tuple[Sequence[Utterance], list[Request]]]:
+        """The utterances ``4 x batch_size`` at a time with their requests, so that memory stays bounded
+        however many there are."""
         chunk = self.batch_size * 4
         for start in range(0, len(utterances), chunk):
             part = utterances[start : start + chunk]
-            requests = [self.request(u) for u in part]
+            yield part, [self.request(u) for u in part]
+
+    def speak(self, utterances: Sequence[Utterance]) -> Iterator[Spoken]:
+        """Every utterance spoken, in the order they finish (prompts built part by part: ``_parts``)."""
+        for part, requests in self._parts(utterances):
             for step in self.engine.run(requests):
                 if step.done is not None:
                     yield Spoken(part[step.index], self.decode(step.done), step.done)
@@ -328,10 +332,7 @@ class Synthesizer:
         """Every utterance's audio as it is generated (``stream_audio``): its first chunk after
         ``first_chunk_frames`` frames, then every ``chunk_frames``; the last chunk carries the generation.
         The chunks of an utterance joined are the audio ``speak`` gives it (to rounding)."""
-        chunk = self.batch_size * 4
-        for start in range(0, len(utterances), chunk):
-            part = utterances[start : start + chunk]
-            requests = [self.request(u) for u in part]
+        for part, requests in self._parts(utterances):
             for audio in stream_audio(
                 self.engine,
                 self.codec,

@@ -15,6 +15,7 @@ A missing local model is refused by ``check_paths`` (which the backends call, an
 
 from __future__ import annotations
 
+import inspect
 import re
 import zlib
 from collections.abc import Callable
@@ -269,8 +270,6 @@ class TransformersWhisperASR:
         self.suppress = list(g.suppress_tokens or [])
         self.begin_suppress = list(g.begin_suppress_tokens or [])
         self.eos = g.eos_token_id
-        import inspect
-
         # transformers renames the decoder cache argument (past_key_values -> cache, from 5.x)
         self.cache_arg = (
             "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -126,12 +126,9 @@ def encode(audio: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     """The whole clip in ``fmt``."""
     if fmt == "pcm":
         return pcm16(audio)
-    if fmt == "wav":
-        buffer = io.BytesIO()
-        sf.write(buffer, np.clip(audio, -1, 1), sample_rate, format="WAV", subtype="PCM_16")
-        return buffer.getvalue()
     buffer = io.BytesIO()
-    sf.write(buffer, np.clip(audio, -1, 1), sample_rate, format=fmt.upper())
+    subtype = "PCM_16" if fmt == "wav" else None  # flac's and mp3's own defaults
+    sf.write(buffer, np.clip(audio, -1, 1), sample_rate, format=fmt.upper(), subtype=subtype)
     return buffer.getvalue()
 
 

@@ -93,7 +93,7 @@ class LiveEngine:
         self._next_id = 0
         self._closed = False
         self._frames_total = self._requests_total = 0
-        self._frame_times: deque[tuple[float, int]] = deque()  # (time, frames made) of recent frames
+        self._frame_times: deque[float] = deque()  # when each column of the last window_s was made
         self._first_audio: deque[float] = deque(maxlen=1000)
         self._thread = threading.Thread(target=self._serve, name="s2train-engine", daemon=True)
         self._thread.start()
@@ -134,10 +134,9 @@ class LiveEngine:
     def stats(self) -> LiveStats:
         with self._cond:
             now = time.perf_counter()
-            while self._frame_times and now - self._frame_times[0][0] > self.window_s:
-                self._frame_times.popleft()
-            span = now - self._frame_times[0][0] if self._frame_times else 0.0
-            recent = sum(frames for _, frames in self._frame_times)
+            self._forget_before(now - self.window_s)
+            span = now - self._frame_times[0] if self._frame_times else 0.0
+            recent = len(self._frame_times)
             return LiveStats(
                 queued=len(self._queue),
                 running=len(self._tickets) - len(self._queue),
@@ -175,8 +174,14 @@ class LiveEngine:
         if ticket is not None and ticket.cancelled:
             with self._cond:
                 self._tickets.pop(index, None)
+            self.engine.first_frame_s.pop(index, None)
             return True
         return False
+
+    def _forget_before(self, start: float) -> None:
+        """Drop the frame times older than ``start`` (callers hold the lock)."""
+        while self._frame_times and self._frame_times[0] < start:
+            self._frame_times.popleft()
 
     def exhausted(self) -> bool:
         with self._cond:
@@ -203,7 +208,8 @@ class LiveEngine:
             ticket = self._tickets.get(step.index)
             with self._cond:
                 self._frames_total += 1
-                self._frame_times.append((now, 1))
+                self._frame_times.append(now)
+                self._forget_before(now - self.window_s)  # bounded whether or not /metrics is read
             if ticket is None:
                 continue
             chunk = ticket.audio.push(step)
@@ -216,5 +222,8 @@ class LiveEngine:
                 with self._cond:
                     self._tickets.pop(ticket.id, None)
                     self._requests_total += 1
+                self.engine.first_frame_s.pop(
+                    step.index, None
+                )  # a server runs for ever: keep no per-request entry
                 frames = step.done.codes.shape[1]
                 ticket.sink(Finished(frames, step.done.stopped))

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from s2train.checks import check
 from s2train.models.dual_ar import DualAR, DualARConfig
+from s2train.runs import read_appended
 from s2train.training.dual_ar_loss import dual_ar_loss, select_fast_rows
 from s2train.training.trainer import checkpoint_blocks
 
@@ -262,15 +263,7 @@ class DualARModule(L.LightningModule):
 
 def read_losses(path: Path) -> list[dict]:
     """The rows of a ``losses.jsonl``, in step order; a last line cut short by a kill is left out."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return read_appended(path)
 
 
 def plot_losses(
