@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import soundfile as sf
 
-from s2train.audio import resample, to_mono
+from s2train.audio import read_mono, resample
 from s2train.checks import check
 from s2train.judges import JUDGE_RATE
 from s2train.runs import append_jsonl, jsonl_lines, read_appended, write_json_atomic, write_text_atomic
@@ -136,14 +136,14 @@ class Prompt:
 def _audio(value: Any, where: str) -> np.ndarray:
     """A dataset audio cell ({array, sampling_rate}) or a file, as float32 mono at JUDGE_RATE."""
     if isinstance(value, dict) and "array" in value and "sampling_rate" in value:
-        samples, rate = np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
-    else:
-        try:
-            samples, rate = sf.read(str(value), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, TypeError) as error:
-            raise ValueError(f"{where}: cannot read the baseline audio ({error})") from error
-    samples = to_mono(samples) if samples.ndim == 2 else samples
-    return resample(samples, rate, JUDGE_RATE).astype(np.float32)
+        samples = np.asarray(value["array"], dtype=np.float32)
+        return resample(
+            samples if samples.ndim == 1 else samples.mean(axis=1), int(value["sampling_rate"]), JUDGE_RATE
+        )
+    try:
+        return read_mono(value, JUDGE_RATE)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+        raise ValueError(f"{where}: cannot read the audio ({error})") from error
 
 
 def load_prompts(e: EmergentConfig) -> list[Prompt]:

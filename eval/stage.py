@@ -41,7 +41,7 @@ from tqdm import tqdm
 from eval import report, seedtts
 from eval.emergent import EmergentConfig
 from eval.meta import MetaItem, present, read_meta
-from s2train.audio import resample
+from s2train.audio import read_mono
 from s2train.checks import check
 from s2train.inference.synthesis import (
     SAFE_ID,
@@ -227,8 +227,7 @@ def read_for_asr(path: Path) -> np.ndarray:
 
 
 def read_16k(path: Path) -> np.ndarray:
-    wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    return resample(wav.mean(axis=1), rate, JUDGE_RATE)
+    return read_mono(path, JUDGE_RATE)
 
 
 SIM_NAMES = {

@@ -83,6 +83,12 @@ def resample(samples: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return soxr.resample(samples, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
 
 
+def read_mono(path: str | Path, sample_rate: int) -> np.ndarray:
+    """A whole audio file as float32 mono (channels averaged) at ``sample_rate``."""
+    samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    return resample(to_mono(samples), rate, sample_rate)
+
+
 def stream_mono(reader: AudioReader, sample_rate: int, block_s: float) -> Iterator[np.ndarray]:
     """The whole recording as consecutive mono blocks at ``sample_rate``; memory is one block."""
     block = max(1, int(block_s * reader.sample_rate))

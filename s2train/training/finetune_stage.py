@@ -47,7 +47,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from s2train.audio import resample
+from s2train.audio import read_mono, resample
 from s2train.checkpoints import (
     LoraSettings,
     add_lora,
@@ -357,20 +357,17 @@ def run(cfg: S2Config) -> dict | None:
 # ------------------------------------------------------------------------------------------ held out
 
 
-def _clip(run_dir: Path, row: dict, out: Path) -> Path:
-    """A clean utterance's audio as a .wav file (read from its shard)."""
+def _clip(run_dir: Path, row: dict, out: Path, shards: dict[str, dict]) -> Path:
+    """A clean utterance's audio as a .wav file (read from its shard; ``shards`` keeps each shard read once)."""
     if not out.is_file():
-        flac = read_tar(run_dir / "clean" / row["shard"])[row["id"]]["flac"]
+        if row["shard"] not in shards:
+            shards[row["shard"]] = read_tar(run_dir / "clean" / row["shard"])
+        flac = shards[row["shard"]][row["id"]]["flac"]
         audio, rate = sf.read(io.BytesIO(flac), dtype="float32")
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             sf.write(tmp, audio, rate, format="WAV", subtype="FLOAT")
     return out
-
-
-def _judge_rate(path: Path) -> np.ndarray:
-    audio, rate = sf.read(path, dtype="float32", always_2d=True)
-    return resample(audio.mean(axis=1), rate, JUDGE_RATE)
 
 
 def compare_on_heldout(
@@ -385,8 +382,10 @@ def compare_on_heldout(
         (r for r in manifest if r["source"] not in held), key=lambda r: (abs(r["duration"] - 4.0), r["id"])
     )
     reference = training[0]  # the training clip nearest 4 s: the voice as a cloning prompt gives it
-    ref_wav = _clip(run_dir, reference, out / "reference.wav")
-    truths = [_clip(run_dir, row, out / "truth" / f"{i:03d}.wav") for i, row in enumerate(heldout)]
+    shards: dict[str, dict] = {}
+    ref_wav = _clip(run_dir, reference, out / "reference.wav", shards)
+    truths = [_clip(run_dir, row, out / "truth" / f"{i:03d}.wav", shards) for i, row in enumerate(heldout)]
+    del shards
     tag = speaker_token(f.speaker) if f.speaker else ""
     systems = {
         "base_cloning": (init, True, ""),
@@ -394,7 +393,7 @@ def compare_on_heldout(
         "finetuned_cloning": (run_dir, True, tag),
     }
     judges = JudgeSuite(cfg.judges, cfg.seed)
-    truth_embeddings = [judges.embedder.embed([_judge_rate(t)])[0] for t in truths]
+    truth_embeddings = [judges.embedder.embed([read_mono(t, JUDGE_RATE)])[0] for t in truths]
     rows, scores = [], {}
     for name, (model, cloning, prefix) in systems.items():
         synth = Synthesizer.open(cfg.synthesize, cfg.text, model, codec)
