@@ -320,6 +320,7 @@ def _judge_segments(
                 "lang": t.lang,
                 "lang_prob": t.lang_prob,
                 "text": own_text or t.text,
+                "text_source": "given" if own_text else "asr",  # from the data, or the ASR's
                 "asr_text": t.text,
                 "asr_logprob": t.avg_logprob,
                 "asr_backend": cfg.judges.asr.backend if t.supported else None,

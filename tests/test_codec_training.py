@@ -160,3 +160,23 @@ def test_adversarial_training_gives_finite_losses(clean_dir, tmp_path):
     (rows,) = _metrics(run_dir)
     assert set(CodecTrainConfig().loss_weights) | {"adv/disc"} <= set(rows[0])
     assert load_codec(run_dir / "codec.pt").config.n_codebooks == 4
+
+
+def test_heldout_wer_scores_given_transcripts_not_the_judges_own():
+    """Against a transcript the ASR judge wrote, its WER on the original is 0 by construction: the codec's
+    held-out WER scores the utterances that came with a transcript, and the ASR-written ones only when
+    no held-out utterance has one. Shards from before ``text_source`` are told by text == asr_text."""
+    from s2train.training.codec_stage import transcript_source, wer_items
+
+    given = {"lang": "en", "text": "Hello there.", "asr_text": "hello bear", "text_source": "given"}
+    heard = {"lang": "en", "text": "hello bear", "asr_text": "hello bear", "text_source": "asr"}
+    older = {"lang": "en", "text": "hello bear", "asr_text": "hello bear"}  # no text_source field
+    older_given = {"lang": "en", "text": "Hello there.", "asr_text": "hello bear"}
+    chinese = {"lang": "zh", "text": "你好", "asr_text": "", "text_source": "given"}
+    silent = {"lang": "en", "text": "", "asr_text": "", "text_source": "asr"}
+    assert [transcript_source(m) for m in (given, heard, older, older_given)] == ["given", "asr", "asr", "given"]
+    metas = [heard, given, chinese, older, older_given, silent]
+    assert wer_items(metas, ["en"]) == ([1, 4], "given")
+    assert wer_items(metas, None) == ([1, 2, 4], "given")  # a judge of every language
+    assert wer_items([heard, chinese, older, silent], ["en"]) == ([0, 2], "asr")
+    assert wer_items([chinese, silent], ["en"]) == ([], "asr")

@@ -22,6 +22,7 @@ def test_demo_codec_reports_heldout_mel_distance_wer_and_codebook_usage(demo_roo
     assert codec["steps"] == 16 and codec["heldout_utterances"] == 12  # experiment=demo's heldout_items
     assert np.isfinite(codec["heldout_mel_distance"]) and codec["heldout_mel_distance"] > 0
     assert codec["wer_asr"] == "pocketsphinx" and codec["wer_utterances"] >= 1  # English held-out ones
+    assert codec["wer_transcripts"] in ("given", "asr")
     assert codec["wer_delta"] == round(codec["wer_reconstruction"] - codec["wer_original"], 2)
     assert len(codec["codebook_perplexity"]) == len(codec["heldout_codebook_usage"]) == 8
     previews = demo_root / "demo" / "codec" / "previews" / "step-000016"
@@ -75,6 +76,10 @@ def test_demo_sentence_files_are_kept_with_their_transcripts(demo_root, truth):
     assert len(whole) >= 0.75 * len(files)
     for name in whole:
         assert segments[name][0]["text"] == truth[name]["sentences"][0]["text"]
+        assert segments[name][0]["text_source"] == "given"
+    # the recordings come without transcripts: their text is the ASR's, and says so
+    recordings = [m for name, rows in segments.items() if name not in files for m in rows if m["text"]]
+    assert recordings and all(m["text_source"] == "asr" and m["text"] == m["asr_text"] for m in recordings)
 
 
 def test_demo_report_measures_the_demo_model(demo_root):

@@ -44,20 +44,39 @@ if TYPE_CHECKING:
 PREVIEW_MAX_S = 10.0  # held-out utterances are cut to this length
 
 
+def transcript_source(meta: dict) -> str:
+    """``"given"`` when an utterance's ``text`` came with the data, ``"asr"`` when the ASR judge wrote it
+    (``text_source`` in the clean metadata; shards from before that field: text equal to ``asr_text``)."""
+    if "text_source" in meta:
+        return meta["text_source"]
+    return "asr" if meta.get("text") == meta.get("asr_text") else "given"
+
+
+def wer_items(metas: list[dict], languages) -> tuple[list[int], str]:
+    """The held-out utterances ``heldout_wer`` scores and the source of their transcripts: those whose
+    language the ASR judge speaks (``languages`` None: any), and of them the ones with a given transcript
+    if there are any. Scored against a transcript it wrote itself, the judge's WER on the original is 0 by
+    construction, so every word it hears differently in the reconstruction would count against the codec,
+    even where it misheard the original too; only where no transcript was given is that the measure."""
+    spoken = [
+        i for i, m in enumerate(metas) if m.get("text") and (languages is None or m.get("lang") in languages)
+    ]
+    given = [i for i in spoken if transcript_source(metas[i]) == "given"]
+    return (given, "given") if given else (spoken, "asr")
+
+
 def heldout_wer(module: CodecModule, items: list[Utterance], judges: JudgeSuite) -> dict:
-    """ASR word error rate of the held-out utterances and of their reconstructions, against the clean
-    transcript, on the utterances whose language the suite's ASR judge speaks. The gap is the codec's cost
-    in intelligibility: ``wer_delta`` points (reconstruction minus original)."""
+    """ASR word error rate of the held-out utterances and of their reconstructions, against the
+    transcripts (``wer_items``: given ones where there are any), on the utterances whose language the
+    suite's ASR judge speaks. The gap is the codec's cost in intelligibility: ``wer_delta`` points
+    (reconstruction minus original)."""
     asr = judges.asr
     metas = [read_metadata(u) for u in items]
     languages = getattr(asr, "languages", None)  # None: any language (whisper)
-    chosen = [
-        (u, m)
-        for u, m in zip(items, metas)
-        if m.get("text") and (languages is None or m.get("lang") in languages)
-    ]
-    if not chosen:
+    indices, source = wer_items(metas, languages)
+    if not indices:
         return {"wer_utterances": 0, "wer_note": f"no held-out utterance in {languages}"}
+    chosen = [(items[i], metas[i]) for i in indices]
     rate = module.codec.config.sample_rate
     originals = [read_audio(u, rate) for u, _ in chosen]  # whole utterances
     recons = [module.reconstruct(w) for w in originals]
@@ -70,6 +89,7 @@ def heldout_wer(module: CodecModule, items: list[Utterance], judges: JudgeSuite)
     original, recon = 100 * wer(refs, hyp_orig), 100 * wer(refs, hyp_recon)
     return {
         "wer_utterances": len(chosen),
+        "wer_transcripts": source,
         "wer_asr": judges.cfg.asr.backend,
         "wer_original": round(original, 2),
         "wer_reconstruction": round(recon, 2),
