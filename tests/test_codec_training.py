@@ -174,7 +174,8 @@ def test_heldout_wer_scores_given_transcripts_not_the_judges_own():
     older_given = {"lang": "en", "text": "Hello there.", "asr_text": "hello bear"}
     chinese = {"lang": "zh", "text": "你好", "asr_text": "", "text_source": "given"}
     silent = {"lang": "en", "text": "", "asr_text": "", "text_source": "asr"}
-    assert [transcript_source(m) for m in (given, heard, older, older_given)] == ["given", "asr", "asr", "given"]
+    sources = [transcript_source(m) for m in (given, heard, older, older_given)]
+    assert sources == ["given", "asr", "asr", "given"]
     metas = [heard, given, chinese, older, older_given, silent]
     assert wer_items(metas, ["en"]) == ([1, 4], "given")
     assert wer_items(metas, None) == ([1, 2, 4], "given")  # a judge of every language

@@ -30,5 +30,5 @@ def test_demo_codec_keeps_heldout_speech_intelligible(tmp_path):
     results = json.loads((tmp_path / "demo" / "codec" / "results.json").read_text())
     assert results["wer_utterances"] >= 8, results  # twelve held out, most of them English sentences
     assert results["wer_transcripts"] == "given", results
-    assert results["wer_delta"] <= 15, results  # 13.7 measured (11 sentence files; +15.8 with the ASR-written one)
+    assert results["wer_delta"] <= 15, results  # 13.7 measured on 11 files (+15.8 with the ASR-written part)
     assert results["heldout_mel_distance"] < 0.2, results  # 0.151 measured

@@ -10,6 +10,7 @@ import numpy as np
 
 from s2train.checkpoints import load_codec
 from s2train.shards import read_tar
+from s2train.training.codec_data import index_shards, read_metadata, split_heldout
 from tests.conftest import read_jsonl
 
 
@@ -22,7 +23,12 @@ def test_demo_codec_reports_heldout_mel_distance_wer_and_codebook_usage(demo_roo
     assert codec["steps"] == 16 and codec["heldout_utterances"] == 12  # experiment=demo's heldout_items
     assert np.isfinite(codec["heldout_mel_distance"]) and codec["heldout_mel_distance"] > 0
     assert codec["wer_asr"] == "pocketsphinx" and codec["wer_utterances"] >= 1  # English held-out ones
-    assert codec["wer_transcripts"] in ("given", "asr")
+    # the held-out split's English utterances with a transcript of their own are the ones scored
+    clean = demo_root / "demo" / "clean" / "shards"
+    _, heldout = split_heldout(index_shards(clean), codec["heldout_utterances"])
+    metas = [read_metadata(u) for u in heldout]
+    given = [m for m in metas if m["lang"] == "en" and m["text"] and m["text_source"] == "given"]
+    assert given and codec["wer_transcripts"] == "given" and codec["wer_utterances"] == len(given)
     assert codec["wer_delta"] == round(codec["wer_reconstruction"] - codec["wer_original"], 2)
     assert len(codec["codebook_perplexity"]) == len(codec["heldout_codebook_usage"]) == 8
     previews = demo_root / "demo" / "codec" / "previews" / "step-000016"
