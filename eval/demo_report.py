@@ -43,8 +43,9 @@ from s2train.inference.synthesis import Synthesizer, Utterance, read_reference
 from s2train.judges import JUDGE_RATE
 from s2train.judges.captioner import count_syllables
 from s2train.judges.suite import JudgeSuite
-from s2train.judges.wer import wer
+from s2train.judges.wer import normalize, wer
 from s2train.runs import stage_input, write_json_atomic, write_text_atomic
+from s2train.stats import bootstrap_interval
 
 if TYPE_CHECKING:
     from s2train.config import S2Config
@@ -59,10 +60,16 @@ class DemoReportConfig:
     caption_seeds: int = 3  # ... with this many seeds each
     plain_seeds: int = 2  # the seen sentences also spoken without a reference, with this many seeds
     max_new_tokens: int = 400
+    rate_caption: str | None = None  # the caption of the pace test, {pace} where "slow" / "fast" goes;
+    # None: a caption the captioner wrote for the first voice, its pace word replaced
 
     def __post_init__(self) -> None:
         for name in ("seen", "heldout", "caption_texts", "caption_seeds", "plain_seeds", "max_new_tokens"):
             check(getattr(self, name) >= 1, f"demo_report.{name} must be at least 1")
+        check(
+            self.rate_caption is None or "{pace}" in self.rate_caption,
+            f"demo_report.rate_caption must say where the pace goes with {{pace}}, not {self.rate_caption!r}",
+        )
 
 
 def _read(path: Path) -> np.ndarray:
@@ -232,6 +239,24 @@ def run(cfg: S2Config) -> dict:
     }
     results["wer_seen_above_codec"] = round(results["wer_seen"] - results["wer_seen_codec"], 2)
     results["wer_seen_plain_above_codec"] = round(results["wer_seen_plain"] - results["wer_seen_codec"], 2)
+    # how far the figures would move with other sentences: intervals over the texts, each text's
+    # utterances (seeds, voices, files) resampled together
+    results["wer_seen_above_codec_ci95"] = _gap_interval(rows, "seen", truth_rows, texts_seen, cfg.seed)
+    results["wer_seen_plain_above_codec_ci95"] = _gap_interval(
+        rows, "seen_plain", truth_rows, texts_seen, cfg.seed
+    )
+    paired = [
+        np.mean(slow) - np.mean(fast)
+        for text in texts_seen[: r.caption_texts]
+        for slow, fast in [[_rates(rows, f"caption_{pace}", text) for pace in ("slow", "fast")]]
+        if slow and fast
+    ]
+    if paired:
+        results["rate_slow_minus_fast"] = round(float(np.mean(paired)), 3)
+        results["rate_slow_minus_fast_ci95"] = [
+            round(x, 3) for x in bootstrap_interval(np.array(paired), cfg.seed)
+        ]
+        results["caption_texts_slower_when_asked"] = f"{sum(d < 0 for d in paired)} of {len(paired)}"
     write_text_atomic(
         run_dir / "utterances.jsonl",
         "".join(
@@ -244,6 +269,40 @@ def run(cfg: S2Config) -> dict:
     return results
 
 
+def _errors(reference: str, hypothesis: str) -> tuple[float, int]:
+    """Word errors and reference words of one utterance (``wer``'s normaliser)."""
+    words = len(normalize(reference).split())
+    return (wer([reference], [hypothesis]) * words, words) if words else (0.0, 0)
+
+
+def _gap_interval(rows: dict, group: str, truth_rows: list[dict], texts: list[str], seed: int) -> list[float]:
+    """95% bootstrap interval over ``texts`` of the corpus WER of ``group`` minus the codec's (points)."""
+    counts = []
+    for text in texts:
+        spoken = [
+            _errors(x["text"], x["hyp"]) for x in rows.values() if x["group"] == group and x["text"] == text
+        ]
+        rebuilt = [_errors(x["text"], x["hyp_codec"]) for x in truth_rows if x["text"] == text]
+        if spoken and rebuilt:
+            counts.append([*np.sum(spoken, axis=0), *np.sum(rebuilt, axis=0)])
+    if not counts:
+        return []
+
+    def gap(v: np.ndarray) -> np.ndarray:
+        total = v.sum(axis=1)
+        return 100 * (total[:, 0] / total[:, 1] - total[:, 2] / total[:, 3])
+
+    return [round(x, 2) for x in bootstrap_interval(np.array(counts), seed, statistic=gap)]
+
+
+def _rates(rows: dict, group: str, text: str) -> list[float]:
+    return [
+        x["speaking_rate"]
+        for x in rows.values()
+        if x["group"] == group and x["text"] == text and x["speaking_rate"]
+    ]
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-9)
 
@@ -251,6 +310,8 @@ def _unit(v: np.ndarray) -> np.ndarray:
 def _rate_captions(cfg: S2Config, voice: str) -> dict[str, str]:
     """A caption the captioner wrote for ``voice`` in the clean run, its pace word set to slow and to fast
     (the words the model saw in training); a plain sentence of the same form without a clean run."""
+    if cfg.demo_report.rate_caption:
+        return {pace: cfg.demo_report.rate_caption.replace("{pace}", pace) for pace in ("slow", "fast")}
     manifest = stage_input(cfg, "clean") / "manifest.jsonl"
     caption = None
     if manifest.is_file():
@@ -282,5 +343,17 @@ def _report(r: dict) -> str:
         f"| SIM to the cloned voice / to the other voices | {r['sim_own_voice']} / {r['sim_other_voices']} |",
         f"| speaking rate (syllables/s) with a slow / a fast caption | {r['rate_slow_caption']} / {r['rate_fast_caption']} |",
         "",
+        "Above the ceiling (WER points, 95% bootstrap interval over the sentences): cloned "
+        f"{r['wer_seen_above_codec']} {_interval(r['wer_seen_above_codec_ci95'])}, without a reference "
+        f"{r['wer_seen_plain_above_codec']} {_interval(r['wer_seen_plain_above_codec_ci95'])}.",
     ]
-    return "\n".join(lines)
+    if "rate_slow_minus_fast" in r:
+        lines.append(
+            f"Slow caption minus fast caption, per text: {r['rate_slow_minus_fast']} syllables/s "
+            f"{_interval(r['rate_slow_minus_fast_ci95'])}; slower when asked for {r['caption_texts_slower_when_asked']} texts."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _interval(ci: list[float]) -> str:
+    return f"[{ci[0]}, {ci[1]}]" if ci else "(none)"

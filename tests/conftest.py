@@ -54,6 +54,7 @@ DEMO_SHORT = [
     "grpo.heldout_prompts=2",
     "grpo.eval_samples=1",
     "grpo.max_new_tokens=40",
+    "grpo.long_prompts=true",  # every demo utterance is longer than 40 frames
 ]
 
 

@@ -104,6 +104,12 @@ def test_demo_report_measures_the_demo_model(demo_root):
     assert report["wer_seen_files"] < 50  # the flite files themselves are intelligible
     assert -1 <= report["sim_other_voices"] <= 1 and -1 <= report["sim_own_voice"] <= 1
     assert "slow" in report["captions"]["slow"] and "fast" in report["captions"]["fast"]
+    for key in ("wer_seen_above_codec", "wer_seen_plain_above_codec"):  # intervals over the seen texts
+        low, high = report[f"{key}_ci95"]
+        assert low <= report[key] <= high
+    if "rate_slow_minus_fast" in report:  # both captions' speech long enough to measure for some text
+        low, high = report["rate_slow_minus_fast_ci95"]
+        assert low <= report["rate_slow_minus_fast"] <= high
     rows = read_jsonl(demo_root / "demo" / "demo_report" / "utterances.jsonl")
     assert {r["group"] for r in rows} == {"seen", "seen_plain", "heldout", "caption_slow", "caption_fast"}
     assert all(r["voice"] is None for r in rows if r["group"] == "seen_plain")

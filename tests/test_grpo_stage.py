@@ -9,10 +9,16 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from data_pipeline.demo_corpus import synthesize
+from s2train.config import register_configs
+from s2train.rl.grpo_stage import prompts_from_data
 from s2train.rl.preference import PreferenceScorer, degrade, read_pairs
-from tests.conftest import kill_when, read_jsonl, run_cli
+from s2train.training.lm_data import open_token_source
+from s2train.training.pretrain_stage import token_input
+from tests.conftest import ROOT, kill_when, read_jsonl, run_cli
 
 TIMING = ("rollout_s", "score_s", "update_s")
 
@@ -29,6 +35,7 @@ def _grpo_args(demo_root, run_dir, *extra: str) -> list[str]:
         "grpo.heldout_prompts=2",
         "grpo.eval_samples=2",
         "grpo.max_new_tokens=40",
+        "grpo.long_prompts=true",  # every demo utterance is longer than 40 frames
         "grpo.train.threads=1",
         *extra,
     ]
@@ -98,6 +105,26 @@ def test_a_killed_grpo_run_resumes_onto_the_uninterrupted_curve(demo_root, tmp_p
     assert _untimed(read_jsonl(killed / "metrics.jsonl")) == _untimed(whole)
     assert read_jsonl(killed / "heldout.jsonl") == read_jsonl(tmp_path / "whole" / "heldout.jsonl")
     assert results["heldout_evaluations"] == 3  # before, after step 2, after step 4
+
+
+def test_grpo_prompts_from_the_token_data_leave_out_utterances_longer_than_the_budget(demo_root):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(compose("config", overrides=["experiment=demo", f"run_root={demo_root}"]))
+    source = open_token_source(token_input(cfg), cfg.lm_data.hf_rows_per_unit)
+    frames = {
+        u.key: u.codes.shape[-1]
+        for unit in range(source.n_units)
+        for u in source.read_unit(unit)
+        if u.text.strip() and u.lang in (None, "en", "zh")
+    }
+    budget = int(np.median(list(frames.values())))  # about half the utterances are longer
+    cfg.grpo.max_new_tokens = budget
+    kept = {p.key for p in prompts_from_data(cfg, cfg.grpo)}
+    assert kept == {k for k, n in frames.items() if n <= budget}
+    assert 0 < len(kept) < len(frames)
+    cfg.grpo.long_prompts = True
+    assert {p.key for p in prompts_from_data(cfg, cfg.grpo)} == set(frames)
 
 
 def test_grpo_prompts_from_a_jsonl_with_a_cloned_voice_and_a_caption(demo_root, tmp_path):

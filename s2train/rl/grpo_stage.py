@@ -26,9 +26,11 @@ difference with a 95% bootstrap interval over prompts, and the held-out judge's.
 
 **Prompts** come from ``grpo.prompts``, a JSONL of ``{"id", "text", "lang", "reference_audio",
 "reference_text", "caption"}`` (clips relative to the file and inside its folder), or else from the token
-data of pretraining: each utterance's text, with probability ``grpo.reference_share`` another utterance of
-its speaker as the voice (its codes, and its audio from the clean shards for the speaker reward), and
-with probability ``grpo.caption_share`` its caption in the system turn.
+data of pretraining: each utterance's text, with probability ``grpo.reference_share`` another utterance
+of its speaker as the voice (its codes, and its audio from the clean shards for the speaker reward), and
+with probability ``grpo.caption_share`` its caption in the system turn. Utterances longer than
+``grpo.max_new_tokens`` frames as recorded are left out: a candidate would have to say them faster than
+their speaker did to end in time (``grpo.long_prompts=true`` keeps them).
 
 Outputs: ``metrics.jsonl`` (per step: every reward's score and raw mean, the total, each guard's count,
 KL, clip fraction, ratio, entropy of both streams, grad norm, rollout / scoring / update seconds),
@@ -82,6 +84,7 @@ from s2train.rl.rollout import (
     token_logprobs,
 )
 from s2train.runs import jsonl_lines, stage_input
+from s2train.stats import bootstrap_interval
 from s2train.text.prompt import Reference
 from s2train.text.tokenizer import TextTokenizer, model_tokenizer
 from s2train.training.lm_module import LMTrainConfig, parameter_groups, read_losses, warmup_cosine
@@ -109,6 +112,7 @@ class GRPOConfig:
     reference_share: float = 0.7  # prompts from the token data: share cloning a voice
     caption_share: float = 0.3  # ... and share with their caption
     max_prompts: int = 2000  # prompts from the token data: at most this many (the first by key hash)
+    long_prompts: bool = False  # ... and keep utterances longer than max_new_tokens frames as recorded
     heldout_prompts: int = 8
     prompts_per_step: int = 4
     group_size: int = 8
@@ -227,6 +231,8 @@ def prompts_from_data(cfg: S2Config, g: GRPOConfig) -> list[RolloutPrompt]:
         for u in utterances:
             if not u.text.strip() or u.lang not in (None, "en", "zh"):
                 continue
+            if u.codes.shape[-1] > g.max_new_tokens and not g.long_prompts:
+                continue  # longer than the budget as recorded: its candidates would mostly hit no_end
             same = [x for x in utterances if x.speaker == u.speaker and x.key != u.key]
             references, audio = [], None
             if same and rng.random() < g.reference_share:
@@ -565,15 +571,6 @@ class GRPOModule(L.LightningModule):
 
 
 # -------------------------------------------------------------------------------------------- figures
-
-
-def bootstrap_interval(
-    values: np.ndarray, seed: int, n: int = 10_000, level: float = 0.95
-) -> tuple[float, float]:
-    """The percentile bootstrap interval of the mean of ``values``."""
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
-    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
 
 
 def heldout_summary(rows: list[dict], judge: str | None, seed: int) -> dict:
