@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
+from eval.demo_report import DemoReportConfig
 from s2train.checkpoints import load_codec
 from s2train.shards import read_tar
 from s2train.training.codec_data import index_shards, read_metadata, split_heldout
@@ -114,6 +116,12 @@ def test_demo_report_measures_the_demo_model(demo_root):
     assert {r["group"] for r in rows} == {"seen", "seen_plain", "heldout", "caption_slow", "caption_fast"}
     assert all(r["voice"] is None for r in rows if r["group"] == "seen_plain")
     assert "| WER, held-out sentences |" in (demo_root / "demo" / "demo_report" / "report.md").read_text()
+
+
+def test_a_pace_caption_must_say_where_the_pace_goes():
+    assert DemoReportConfig(rate_caption="A speaker at a {pace} pace.").rate_caption.count("{pace}") == 1
+    with pytest.raises(ValueError, match="where the pace goes"):
+        DemoReportConfig(rate_caption="A speaker at a slow pace.")
 
 
 def test_demo_trains_a_preference_model_and_aligns_the_sft_model_with_grpo(demo_root):
