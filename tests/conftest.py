@@ -14,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from s2train.audio import flac_bytes
+from s2train.config import S2Config, register_configs
 from s2train.shards import write_tar
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +59,13 @@ DEMO_SHORT = [
     "grpo.max_new_tokens=40",
     "grpo.long_prompts=true",  # every demo utterance is longer than 40 frames
 ]
+
+
+def compose_config(*overrides: str) -> S2Config:
+    """The typed config ``python -m s2train <overrides>`` would run with, composed in-process."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
 
 
 def run_cli(*overrides: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:

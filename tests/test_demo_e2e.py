@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from eval.demo_report import DemoReportConfig
+from eval.demo_report import DemoReportConfig, _rate_captions
 from s2train.checkpoints import load_codec
 from s2train.shards import read_tar
 from s2train.training.codec_data import index_shards, read_metadata, split_heldout
-from tests.conftest import read_jsonl
+from tests.conftest import compose_config, read_jsonl
 
 
 def _results(demo_root, stage: str) -> dict:
@@ -118,8 +118,18 @@ def test_demo_report_measures_the_demo_model(demo_root):
     assert "| WER, held-out sentences |" in (demo_root / "demo" / "demo_report" / "report.md").read_text()
 
 
-def test_a_pace_caption_must_say_where_the_pace_goes():
-    assert DemoReportConfig(rate_caption="A speaker at a {pace} pace.").rate_caption.count("{pace}") == 1
+def test_a_pace_caption_asks_for_each_pace_and_must_say_where_it_goes(demo_root):
+    cfg = compose_config("experiment=demo", f"run_root={demo_root}")
+    cfg.demo_report = DemoReportConfig(rate_caption="A speaker at a {pace} pace.")
+    assert _rate_captions(cfg, "awb") == {
+        "slow": "A speaker at a slow pace.",
+        "fast": "A speaker at a fast pace.",
+    }
+    cfg.demo_report = DemoReportConfig()  # default: a caption the captioner wrote for the voice
+    written = _rate_captions(cfg, "awb")
+    assert written["slow"] != written["fast"] and written["slow"] == written["fast"].replace(
+        "fast", "slow", 1
+    )
     with pytest.raises(ValueError, match="where the pace goes"):
         DemoReportConfig(rate_caption="A speaker at a slow pace.")
 

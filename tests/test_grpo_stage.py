@@ -9,16 +9,13 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from data_pipeline.demo_corpus import synthesize
-from s2train.config import register_configs
 from s2train.rl.grpo_stage import prompts_from_data
 from s2train.rl.preference import PreferenceScorer, degrade, read_pairs
 from s2train.training.lm_data import open_token_source
 from s2train.training.pretrain_stage import token_input
-from tests.conftest import ROOT, kill_when, read_jsonl, run_cli
+from tests.conftest import compose_config, kill_when, read_jsonl, run_cli
 
 TIMING = ("rollout_s", "score_s", "update_s")
 
@@ -108,9 +105,7 @@ def test_a_killed_grpo_run_resumes_onto_the_uninterrupted_curve(demo_root, tmp_p
 
 
 def test_grpo_prompts_from_the_token_data_leave_out_utterances_longer_than_the_budget(demo_root):
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = OmegaConf.to_object(compose("config", overrides=["experiment=demo", f"run_root={demo_root}"]))
+    cfg = compose_config("experiment=demo", f"run_root={demo_root}")
     source = open_token_source(token_input(cfg), cfg.lm_data.hf_rows_per_unit)
     frames = {
         u.key: u.codes.shape[-1]

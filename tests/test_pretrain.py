@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from s2train.config import S2Config, register_configs
 from s2train.models.dual_ar import DualAR, DualARConfig
 from s2train.text.tokenizer import TextConfig, load_tokenizer
 from s2train.training.lm_module import LMTrainConfig, parameter_groups, read_losses, warmup_cosine
 from s2train.training.pretrain_stage import LMDataModule, codebook_sizes, fit_model_to_data
-from tests.conftest import ROOT, kill_when, run_cli
+from tests.conftest import ROOT, compose_config, kill_when, run_cli
 
 # Small and fast: 25 Hz tokens of the random tiny codec, 2 sequences of at most 1024 positions a step.
 COMMON = [
@@ -185,15 +182,9 @@ def test_input_noise_replaces_frame_codes_at_the_given_rates_and_never_text():
         LMTrainConfig(semantic_noise=-0.1)
 
 
-def _compose(*overrides: str) -> S2Config:
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
-
-
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
 def test_every_shipped_experiment_composes_and_builds_its_model_and_data(experiment, tokenized):
-    cfg = _compose(f"experiment={experiment}", f"lm_data.input={tokenized}", "text.n_semantic=64")
+    cfg = compose_config(f"experiment={experiment}", f"lm_data.input={tokenized}", "text.n_semantic=64")
     tokenizer = load_tokenizer(cfg.text)
     model_cfg, _ = fit_model_to_data(cfg.model, tokenizer, [64, 32, 32, 32])
     with torch.device("meta"):
@@ -206,7 +197,7 @@ def test_every_shipped_experiment_composes_and_builds_its_model_and_data(experim
 @pytest.mark.parametrize("model", ["tiny", "small", "s2pro"])
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_every_model_and_strategy_preset_composes(model, strategy):
-    cfg = _compose("stage=pretrain", f"model={model}", f"strategy={strategy}")
+    cfg = compose_config("stage=pretrain", f"model={model}", f"strategy={strategy}")
     assert cfg.strategy.name == strategy
     with torch.device("meta"):
         built = DualAR(cfg.model)
