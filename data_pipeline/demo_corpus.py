@@ -51,6 +51,9 @@ class DemoCorpusConfig:
     # at the speaking rates of sentence_stretches in turn (> 1 slower), its transcript in the metadata.
     sentence_voices: list[str] = field(default_factory=list)
     sentence_stretches: list[float] = field(default_factory=lambda: [1.0])
+    # Each sentence also spoken at each of these rates by one voice, the voices in turn: the same voice
+    # and words at several paces, which only the caption's pace tells apart; [] for none.
+    sentence_paces: list[float] = field(default_factory=list)
     sentence_pause_every: int = 0  # every n-th sentence file gets a pause of 0.7-1.4 s at its comma; 0: none
     # every n-th sentence file (of those without a pause) stresses one word: the rest is spoken 9 dB
     # quieter, so the captioner's [emphasis] finds it; 0: none
@@ -68,11 +71,15 @@ class DemoCorpusConfig:
             bool(self.sentence_stretches) and all(0.4 <= x <= 2.5 for x in self.sentence_stretches),
             "demo_corpus.sentence_stretches must be speaking-rate factors in [0.4, 2.5]",
         )
+        check(
+            all(0.4 <= x <= 2.5 and x != 1.0 for x in self.sentence_paces),
+            "demo_corpus.sentence_paces must be speaking-rate factors in [0.4, 2.5] other than 1.0",
+        )
 
 
 SENTENCES = Path(__file__).parent / "sentences"
-CORPUS_VERSION = 3  # 2: a recording of two voices in turn; the overlap recording keeps its solo parts;
-# 3: sentence files may stress a word
+CORPUS_VERSION = 4  # 2: a recording of two voices in turn; the overlap recording keeps its solo parts;
+# 3: sentence files may stress a word; 4: a voice may say a sentence again at other paces
 EMPHASIS_QUIET_DB = -9.0  # the level of the rest of a sentence with a stressed word
 NOISE_FLOOR = 3e-4  # about -70 dBFS of white noise under everything
 # speaker id -> (engine, engine voice, language)
@@ -89,7 +96,7 @@ VOICES = {
 # Voices the demo's models never hear in training: the fine-tuning demo learns one of them from a folder
 FINETUNE_VOICES = {"ked": ("festival", "ked_diphone", "en")}  # festival's American English male diphones
 # The sentences the demo model learnt in other voices (demo_corpus.sentences_per_voice in experiment=demo):
-# a model of 64 sentence files speaks those, not English, so the new voice says them too
+# a model of 96 sentence files speaks those, not English, so the new voice says them too
 FINETUNE_SENTENCES = 16
 FINETUNE_STRETCHES = (1.0, 0.85, 1.2)  # each sentence three times, at three speaking rates
 FINETUNE_HELDOUT = 6  # the first sentences once only, held out of fine-tuning
@@ -236,58 +243,71 @@ class Builder:
 
     def sentence_files(self) -> None:
         """One sentence a file for each of ``sentence_voices``, at the rates of ``sentence_stretches`` in
-        turn, some with a pause at a comma; the transcript goes in the metadata (ASR need not guess it)."""
+        turn, some with a pause at a comma; then each sentence again at each of ``sentence_paces`` in one
+        voice (the voices in turn). The transcript goes in the metadata (ASR need not guess it)."""
         c = self.cfg.demo_corpus
         for v, voice in enumerate(c.sentence_voices):
             for i, text in enumerate(sentences("en")[: c.sentences_per_voice]):
                 stretch = c.sentence_stretches[(i + v) % len(c.sentence_stretches)]
-                lead = np.zeros(int(0.3 * self.sr), np.float32)
-                emphasis = None
                 paused = c.sentence_pause_every and (i + v) % c.sentence_pause_every == 0 and "," in text
-                if paused:
-                    first, second = text.split(",", 1)
-                    gap = np.zeros(int(self.rng.uniform(0.7, 1.4) * self.sr), np.float32)
-                    pieces = [
-                        synthesize(voice, first + ",", self.sr, stretch),
-                        gap,
-                        synthesize(voice, second.strip(), self.sr, stretch),
-                    ]
-                    speech = np.concatenate(pieces)
-                elif c.sentence_emphasis_every and (i + v) % c.sentence_emphasis_every == 1:
-                    words = text.split()
-                    stressed = stressed_word(words)
-                    quiet = 10 ** (EMPHASIS_QUIET_DB / 20)
-                    pieces = [
-                        quiet * synthesize(voice, " ".join(words[:stressed]), self.sr, stretch),
-                        synthesize(voice, words[stressed], self.sr, stretch),
-                        quiet * synthesize(voice, " ".join(words[stressed + 1 :]), self.sr, stretch),
-                    ]
-                    speech = np.concatenate(pieces)
-                    emphasis = words[stressed]
-                else:
-                    speech = synthesize(voice, text, self.sr, stretch)
-                audio = np.concatenate([lead, speech, lead])
-                row = {
-                    "text": text,
-                    "lang": "en",
-                    "speaker": voice,
-                    "start": 0.3,
-                    "end": round(0.3 + len(speech) / self.sr, 3),
-                    "stretch": stretch,
-                    "pause": bool(paused),
-                    "emphasis": emphasis,
-                }
-                name = f"sent_{voice}_{i:02d}.wav"
-                self.write(
-                    name,
-                    audio + self.noise(len(audio)),
-                    self.sr,
-                    kind="sentence",
-                    sentences_=[row],
-                    lang="en",
-                    speaker=voice,
+                stressed = (
+                    not paused and c.sentence_emphasis_every and (i + v) % c.sentence_emphasis_every == 1
                 )
-                self.metadata[-1]["text"] = text
+                self.sentence_file(f"sent_{voice}_{i:02d}.wav", voice, text, stretch, paused, stressed)
+        for i, text in enumerate(sentences("en")[: c.sentences_per_voice]):
+            voice = c.sentence_voices[i % len(c.sentence_voices)] if c.sentence_voices else None
+            for pace in c.sentence_paces if voice else ():
+                self.sentence_file(f"sent_{voice}_{i:02d}_x{pace:g}.wav", voice, text, pace, False, False)
+
+    def sentence_file(
+        self, name: str, voice: str, text: str, stretch: float, paused: bool, stressed: bool
+    ) -> None:
+        """One sentence in ``voice`` at ``stretch``, with a pause at its comma or one word stressed."""
+        lead = np.zeros(int(0.3 * self.sr), np.float32)
+        emphasis = None
+        if paused:
+            first, second = text.split(",", 1)
+            gap = np.zeros(int(self.rng.uniform(0.7, 1.4) * self.sr), np.float32)
+            pieces = [
+                synthesize(voice, first + ",", self.sr, stretch),
+                gap,
+                synthesize(voice, second.strip(), self.sr, stretch),
+            ]
+            speech = np.concatenate(pieces)
+        elif stressed:
+            words = text.split()
+            k = stressed_word(words)
+            quiet = 10 ** (EMPHASIS_QUIET_DB / 20)
+            pieces = [
+                quiet * synthesize(voice, " ".join(words[:k]), self.sr, stretch),
+                synthesize(voice, words[k], self.sr, stretch),
+                quiet * synthesize(voice, " ".join(words[k + 1 :]), self.sr, stretch),
+            ]
+            speech = np.concatenate(pieces)
+            emphasis = words[k]
+        else:
+            speech = synthesize(voice, text, self.sr, stretch)
+        audio = np.concatenate([lead, speech, lead])
+        row = {
+            "text": text,
+            "lang": "en",
+            "speaker": voice,
+            "start": 0.3,
+            "end": round(0.3 + len(speech) / self.sr, 3),
+            "stretch": stretch,
+            "pause": bool(paused),
+            "emphasis": emphasis,
+        }
+        self.write(
+            name,
+            audio + self.noise(len(audio)),
+            self.sr,
+            kind="sentence",
+            sentences_=[row],
+            lang="en",
+            speaker=voice,
+        )
+        self.metadata[-1]["text"] = text
 
     def build(self) -> None:
         c = self.cfg.demo_corpus

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
     from s2train.config import S2Config
 
 
+PACES = ("slow", "fast")  # the pace words of the caption test
+
+
 @dataclass
 class DemoReportConfig:
     model: str | None = None  # None: run_root/name/sft
@@ -131,9 +134,16 @@ def run(cfg: S2Config) -> dict:
             uid = f"plain-{i:02d}-{s}"
             utterances.append(Utterance(uid, text, seed=2000 + 10 * i + s, max_new_tokens=r.max_new_tokens))
             rows[uid] = {"id": uid, "group": "seen_plain", "voice": None, "text": text}
-    captions = _rate_captions(cfg, voices[0])
-    for pace, caption in captions.items():
-        for i, text in enumerate(texts_seen[: r.caption_texts]):
+    # each text asks for its pace in the caption of the voice the corpus has saying it at other paces
+    # (demo_corpus.sentence_paces; the first voice where none does), only the pace word changed
+    paced = {t["sentences"][0]["text"]: t["speaker"] for t in everything if t["sentences"][0]["stretch"] != 1.0}
+    captions = {
+        text: {"voice": paced.get(text, voices[0]), **_rate_captions(cfg, paced.get(text, voices[0]))}
+        for text in texts_seen[: r.caption_texts]
+    }
+    for pace in PACES:
+        for i, (text, asked) in enumerate(captions.items()):
+            caption = asked[pace]
             for s in range(r.caption_seeds):
                 uid = f"caption-{pace}-{i:02d}-{s}"
                 utterances.append(
@@ -148,7 +158,7 @@ def run(cfg: S2Config) -> dict:
                 rows[uid] = {
                     "id": uid,
                     "group": f"caption_{pace}",
-                    "voice": voices[0],
+                    "voice": asked["voice"],
                     "text": text,
                     "caption": caption,
                 }
@@ -211,7 +221,7 @@ def run(cfg: S2Config) -> dict:
             for x in rows.values()
             if x["group"] == f"caption_{pace}" and x["speaking_rate"]
         ]
-        for pace in captions
+        for pace in PACES
     }
     results = {
         "model": str(model),
@@ -246,8 +256,8 @@ def run(cfg: S2Config) -> dict:
         rows, "seen_plain", truth_rows, texts_seen, cfg.seed
     )
     paired = []  # per text: the mean rate under the slow caption minus that under the fast one
-    for text in texts_seen[: r.caption_texts]:
-        slow, fast = (_rates(rows, f"caption_{pace}", text) for pace in ("slow", "fast"))
+    for text in captions:
+        slow, fast = (_rates(rows, f"caption_{pace}", text) for pace in PACES)
         if slow and fast:
             paired.append(np.mean(slow) - np.mean(fast))
     if paired:
@@ -310,7 +320,7 @@ def _rate_captions(cfg: S2Config, voice: str) -> dict[str, str]:
     """A caption the captioner wrote for ``voice`` in the clean run, its pace word set to slow and to fast
     (the words the model saw in training); a plain sentence of the same form without a clean run."""
     if cfg.demo_report.rate_caption:
-        return {pace: cfg.demo_report.rate_caption.replace("{pace}", pace) for pace in ("slow", "fast")}
+        return {pace: cfg.demo_report.rate_caption.replace("{pace}", pace) for pace in PACES}
     manifest = stage_input(cfg, "clean") / "manifest.jsonl"
     caption = None
     if manifest.is_file():
@@ -322,7 +332,7 @@ def _rate_captions(cfg: S2Config, voice: str) -> dict[str, str]:
                 caption = row["caption"]
                 break
     caption = caption or "A speaker speaks at a moderate pace. A clean recording."
-    return {pace: re.sub(r"\b(slow|moderate|fast)\b", pace, caption, count=1) for pace in ("slow", "fast")}
+    return {pace: re.sub(r"\b(slow|moderate|fast)\b", pace, caption, count=1) for pace in PACES}
 
 
 def _report(r: dict) -> str:

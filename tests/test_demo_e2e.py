@@ -77,7 +77,15 @@ def test_demo_sentence_files_are_kept_with_their_transcripts(demo_root, truth):
     for m in read_jsonl(demo_root / "demo" / "clean" / "manifest.jsonl"):
         segments.setdefault(m["source"], []).append(m)
     files = [name for name, row in truth.items() if row["kind"] == "sentence"]
-    assert len(files) == 4 * 3  # four voices, three sentences each in the shortened demo
+    # four voices, three sentences each in the shortened demo; then each sentence fast and slow in one
+    # voice, the voices in turn: the same voice says the same words at three paces
+    assert len(files) == 4 * 3 + 3 * 2
+    said: dict[tuple[str, str], set[float]] = {}
+    for name in files:
+        row = truth[name]["sentences"][0]
+        said.setdefault((row["speaker"], row["text"]), set()).add(row["stretch"])
+    assert sorted(said.values(), key=len)[-3:] == [{0.6, 1.0, 1.8}] * 3
+    assert sorted(v for (v, _), paces in said.items() if len(paces) == 3) == ["awb", "rms", "slt"]
     # one segment each, with the transcript the corpus knows (the speaker-change check may still cut a
     # slowed-down flite sentence in two, whose parts then carry the ASR's words)
     whole = [name for name in files if len(segments.get(name, [])) == 1]
@@ -90,7 +98,7 @@ def test_demo_sentence_files_are_kept_with_their_transcripts(demo_root, truth):
     assert recordings and all(m["text_source"] == "asr" and m["text"] == m["asr_text"] for m in recordings)
 
 
-def test_demo_report_measures_the_demo_model(demo_root):
+def test_demo_report_measures_the_demo_model(demo_root, truth):
     report = _results(demo_root, "demo_report")
     assert report["model"] == str(demo_root / "demo" / "sft") and len(report["voices"]) == 4
     for key in (
@@ -105,7 +113,12 @@ def test_demo_report_measures_the_demo_model(demo_root):
     assert report["model_codebooks"] == 2 and report["codec_codebooks"] == 8
     assert report["wer_seen_files"] < 50  # the flite files themselves are intelligible
     assert -1 <= report["sim_other_voices"] <= 1 and -1 <= report["sim_own_voice"] <= 1
-    assert "slow" in report["captions"]["slow"] and "fast" in report["captions"]["fast"]
+    # each caption text asks in the caption of the voice that says it at other paces in the corpus
+    paced = {t["sentences"][0]["text"]: t["speaker"] for t in truth.values() if t["sentences"][0]["stretch"] != 1}
+    assert report["captions"] and all(
+        asked["voice"] == paced[text] and "slow" in asked["slow"] and "fast" in asked["fast"]
+        for text, asked in report["captions"].items()
+    )
     for key in ("wer_seen_above_codec", "wer_seen_plain_above_codec"):  # intervals over the seen texts
         low, high = report[f"{key}_ci95"]
         assert low <= report[key] <= high

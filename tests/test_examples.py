@@ -136,6 +136,28 @@ def test_a_kind_an_utterance_cannot_make_falls_back_to_plain(tmp_path):
     assert {e.kind for e in examples(stream_of(folder, cloning=1.0))} == {"cloning"}
 
 
+def test_a_voice_is_never_cloned_from_a_clip_of_the_same_words(tmp_path):
+    """The same sentence at two paces and one other sentence, all one speaker's: each copy of the sentence
+    clones the voice from the other sentence (never from its twin, as no inference prompt would); a
+    speaker whose other clips all say the same words makes plain examples."""
+    folder = tmp_path / "paces"
+    members = []
+    for i, (text, frames) in enumerate([("Same words.", 4), ("Same words.", 8), ("Other words.", 5)]):
+        meta = {"id": f"u{i}", "text": text, "speaker": "solo"}
+        members += [
+            (f"u{i}.codes.npy", _npy(np.full((K, frames), i, np.uint16))),
+            (f"u{i}.json", json.dumps(meta).encode()),
+        ]
+    write_tar(folder / "shards" / "tokens-000000.tar", members)
+    made = list(examples(stream_of(folder, cloning=1.0), 4))
+    twins = [e for e in made if e.text == "Same words."]
+    assert len(twins) == 8 and all(e.kind == "cloning" for e in twins)
+    assert all(len(e.references) == 1 and e.references[0].text == "Other words." for e in twins)
+    alone = tmp_path / "alone"
+    write_tar(alone / "shards" / "tokens-000000.tar", members[:4])  # the twins only
+    assert {e.kind for e in examples(stream_of(alone, cloning=1.0))} == {"plain"}
+
+
 def test_resumed_epochs_draw_the_same_kinds(shards):
     first = [
         (e.key, e.kind, e.text) for e in examples(stream_of(shards, plain=1.0, cloning=1.0, dialogue=1.0), 3)

@@ -20,8 +20,9 @@ An utterance whose inputs exceed ``max_len`` is dropped or cut to its first ``ma
 (seeded by the stream's seed, the epoch and the utterance's place, so a resumed run draws the same):
 
 - ``plain``: the utterance's text and codes;
-- ``cloning``: another utterance of the same speaker from the same shard is the reference in the system
-  turn (its text and codes, as inference gives a reference clip); only the target is trained;
+- ``cloning``: another utterance of the same speaker from the same shard, saying other words, is the
+  reference in the system turn (its text and codes, as inference gives a reference clip); only the
+  target is trained;
 - ``captioned``: the captioner's caption of the target opens the system turn;
 - ``tagged``: the target's text with the captioner's inline tags put back at their words (when the text
   is the ASR's, whose words the tags count);
@@ -369,7 +370,10 @@ def _words(text: str) -> list[str]:
 
 
 def _other(run: list[TokenUtterance], but: TokenUtterance, rng: np.random.Generator) -> TokenUtterance | None:
-    others = [x for x in run if x.key != but.key]
+    """Another utterance of ``run`` to be ``but``'s reference voice, never one saying the same words (the
+    same sentence at another pace): at inference the reference says something else, so copying it must
+    not be what the model learns."""
+    others = [x for x in run if x.key != but.key and x.text != but.text]
     return others[int(rng.integers(len(others)))] if others else None
 
 
