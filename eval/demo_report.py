@@ -14,9 +14,11 @@ through the synthesis call the server and evaluation share, and is scored by the
 - **held-out**: the Seed-TTS-style sentences of ``sentences/en_eval.txt``, never trained on;
 - **cloning**: the mean similarity of each voice's generated speech to that voice's recordings, against
   the mean to the other voices';
-- **captions**: the same texts with a caption asking for a slow pace and one asking for a fast pace
-  (no reference clip: the caption is the whole description, as in the captioned training examples),
-  over several seeds: the speaking rate (syllables per second of speech) of each.
+- **captions**: the same texts asked for a slow and for a fast pace (no reference clip: the caption is
+  the whole description, as in the captioned training examples), over several seeds: the speaking rate
+  (syllables per second of speech) of each. A text asks in the captions the captioner wrote for its
+  recordings at other paces (``demo_corpus.sentence_paces``), each caption at both paces, so that the
+  two prompts of a pair differ in the pace word alone; texts with such captions are taken first.
 
 Outputs: ``results.json``, ``utterances.jsonl`` and ``report.md`` in the run directory, and the audio
 under ``wav/``.
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
 
 
 PACES = ("slow", "fast")  # the pace words of the caption test
+PACE_PHRASE = re.compile(r"\b(slow|moderate|fast) (pace|delivery)")  # a caption that names a pace
+PACE_WORD = re.compile(r"\b(slow|moderate|fast)\b")
 
 
 @dataclass
@@ -134,34 +138,39 @@ def run(cfg: S2Config) -> dict:
             uid = f"plain-{i:02d}-{s}"
             utterances.append(Utterance(uid, text, seed=2000 + 10 * i + s, max_new_tokens=r.max_new_tokens))
             rows[uid] = {"id": uid, "group": "seen_plain", "voice": None, "text": text}
-    # each text asks for its pace in the caption of the voice the corpus has saying it at other paces
-    # (demo_corpus.sentence_paces; the first voice where none does), only the pace word changed
-    paced = {t["sentences"][0]["text"]: t["speaker"] for t in everything if t["sentences"][0]["stretch"] != 1.0}
-    captions = {
-        text: {"voice": paced.get(text, voices[0]), **_rate_captions(cfg, paced.get(text, voices[0]))}
-        for text in texts_seen[: r.caption_texts]
-    }
+    # each text asks for a pace in the captions the captioner wrote for its recordings at other paces
+    # (demo_corpus.sentence_paces), each caption at both paces; texts that have such captions come first
+    paced: dict[str, tuple[str, list[str]]] = {}
+    for t in everything:
+        if t["sentences"][0]["stretch"] != 1.0:
+            paced.setdefault(t["sentences"][0]["text"], (t["speaker"], []))[1].append(t["file"])
+    asks = {}
+    for text in texts_seen:
+        voice, twins = paced.get(text, (voices[0], []))
+        asks[text] = {"voice": voice, **_pace_captions(cfg, voice, twins)}
+    chosen = sorted(texts_seen, key=lambda text: not asks[text]["own"])[: r.caption_texts]
+    captions = {text: asks[text] for text in chosen}
     for pace in PACES:
         for i, (text, asked) in enumerate(captions.items()):
-            caption = asked[pace]
-            for s in range(r.caption_seeds):
-                uid = f"caption-{pace}-{i:02d}-{s}"
-                utterances.append(
-                    Utterance(  # no reference clip: the caption alone says how to speak, as in training
-                        uid,
-                        text,
-                        seed=1000 + 10 * i + s,
-                        max_new_tokens=r.max_new_tokens,
-                        caption=caption,
+            for b, base in enumerate(asked["captions"]):
+                for s in range(r.caption_seeds):
+                    uid = f"caption-{pace}-{i:02d}-{b}-{s}"
+                    utterances.append(
+                        Utterance(  # no reference clip: the caption alone says how to speak, as in training
+                            uid,
+                            text,
+                            seed=1000 + 10 * i + s,
+                            max_new_tokens=r.max_new_tokens,
+                            caption=base[pace],
+                        )
                     )
-                )
-                rows[uid] = {
-                    "id": uid,
-                    "group": f"caption_{pace}",
-                    "voice": asked["voice"],
-                    "text": text,
-                    "caption": caption,
-                }
+                    rows[uid] = {
+                        "id": uid,
+                        "group": f"caption_{pace}",
+                        "voice": asked["voice"],
+                        "text": text,
+                        "caption": base[pace],
+                    }
 
     for spoken in synth.speak(utterances):
         uid = spoken.utterance.id
@@ -316,23 +325,28 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-9)
 
 
-def _rate_captions(cfg: S2Config, voice: str) -> dict[str, str]:
-    """A caption the captioner wrote for ``voice`` in the clean run, its pace word set to slow and to fast
-    (the words the model saw in training); a plain sentence of the same form without a clean run."""
+def _pace_captions(cfg: S2Config, voice: str, files: list[str] = ()) -> dict:
+    """The captions a text's pace test asks with, each as a pair ``{"slow": ..., "fast": ...}`` that
+    differ in the pace word alone: the captioner's captions of ``files`` (the text's recordings at other
+    paces) that name a pace (``"own": True``), or else the first caption it wrote for ``voice`` naming one
+    (a plain sentence of that form without a clean run); ``demo_report.rate_caption`` when it is set."""
     if cfg.demo_report.rate_caption:
-        return {pace: cfg.demo_report.rate_caption.replace("{pace}", pace) for pace in PACES}
+        pair = {pace: cfg.demo_report.rate_caption.replace("{pace}", pace) for pace in PACES}
+        return {"own": False, "captions": [pair]}
     manifest = stage_input(cfg, "clean") / "manifest.jsonl"
-    caption = None
-    if manifest.is_file():
-        for line in manifest.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if row.get("speaker") == voice and re.search(
-                r"\b(slow|moderate|fast) (pace|delivery)", row.get("caption") or ""
-            ):
-                caption = row["caption"]
-                break
-    caption = caption or "A speaker speaks at a moderate pace. A clean recording."
-    return {pace: re.sub(r"\b(slow|moderate|fast)\b", pace, caption, count=1) for pace in PACES}
+    rows = (
+        [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+        if manifest.is_file()
+        else []
+    )
+    named = [row for row in rows if PACE_PHRASE.search(row.get("caption") or "")]
+    own = [row["caption"] for row in named if row.get("source") in files]
+    voiced = [row["caption"] for row in named if row.get("speaker") == voice]
+    chosen = own or voiced[:1] or ["A speaker speaks at a moderate pace. A clean recording."]
+    return {
+        "own": bool(own),
+        "captions": [{pace: PACE_WORD.sub(pace, caption, count=1) for pace in PACES} for caption in chosen],
+    }
 
 
 def _report(r: dict) -> str:

@@ -5,11 +5,12 @@ the clean shards tokenized with that codec, and the tiny Dual-AR model pretraine
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from eval.demo_report import DemoReportConfig, _rate_captions
+from eval.demo_report import DemoReportConfig, _pace_captions
 from s2train.checkpoints import load_codec
 from s2train.shards import read_tar
 from s2train.training.codec_data import index_shards, read_metadata, split_heldout
@@ -113,12 +114,15 @@ def test_demo_report_measures_the_demo_model(demo_root, truth):
     assert report["model_codebooks"] == 2 and report["codec_codebooks"] == 8
     assert report["wer_seen_files"] < 50  # the flite files themselves are intelligible
     assert -1 <= report["sim_other_voices"] <= 1 and -1 <= report["sim_own_voice"] <= 1
-    # each caption text asks in the caption of the voice that says it at other paces in the corpus
-    paced = {t["sentences"][0]["text"]: t["speaker"] for t in truth.values() if t["sentences"][0]["stretch"] != 1}
-    assert report["captions"] and all(
-        asked["voice"] == paced[text] and "slow" in asked["slow"] and "fast" in asked["fast"]
-        for text, asked in report["captions"].items()
-    )
+    # each caption text asks in the captions of its recordings at other paces, each at both paces
+    paced = {
+        t["sentences"][0]["text"]: t["speaker"] for t in truth.values() if t["sentences"][0]["stretch"] != 1
+    }
+    assert report["captions"]
+    for text, asked in report["captions"].items():
+        assert asked["voice"] == paced[text] and asked["captions"]
+        for pair in asked["captions"]:
+            assert pair["slow"].replace("slow", "fast", 1) == pair["fast"]
     for key in ("wer_seen_above_codec", "wer_seen_plain_above_codec"):  # intervals over the seen texts
         low, high = report[f"{key}_ci95"]
         assert low <= report[key] <= high
@@ -131,18 +135,27 @@ def test_demo_report_measures_the_demo_model(demo_root, truth):
     assert "| WER, held-out sentences |" in (demo_root / "demo" / "demo_report" / "report.md").read_text()
 
 
-def test_a_pace_caption_asks_for_each_pace_and_must_say_where_it_goes(demo_root):
+def test_a_pace_caption_asks_for_each_pace_and_must_say_where_it_goes(demo_root, truth):
     cfg = compose_config("experiment=demo", f"run_root={demo_root}")
     cfg.demo_report = DemoReportConfig(rate_caption="A speaker at a {pace} pace.")
-    assert _rate_captions(cfg, "awb") == {
-        "slow": "A speaker at a slow pace.",
-        "fast": "A speaker at a fast pace.",
-    }
-    cfg.demo_report = DemoReportConfig()  # default: a caption the captioner wrote for the voice
-    written = _rate_captions(cfg, "awb")
-    assert written["slow"] != written["fast"] and written["slow"] == written["fast"].replace(
-        "fast", "slow", 1
-    )
+    assert _pace_captions(cfg, "awb")["captions"] == [
+        {"slow": "A speaker at a slow pace.", "fast": "A speaker at a fast pace."}
+    ]
+    cfg.demo_report = DemoReportConfig()  # default: the captions the captioner wrote
+    clean = {m["source"]: m for m in read_jsonl(demo_root / "demo" / "clean" / "manifest.jsonl")}
+    twins = [
+        name for name, t in truth.items() if t["kind"] == "sentence" and t["sentences"][0]["stretch"] != 1
+    ]
+    named = [
+        name
+        for name in twins
+        if re.search(r"\b(slow|fast|moderate) (pace|delivery)", clean.get(name, {}).get("caption") or "")
+    ]
+    asked = _pace_captions(cfg, "awb", twins)
+    assert asked["own"] == bool(named) and len(asked["captions"]) == max(1, len(named))
+    for pair in asked["captions"]:  # each pair differs in its pace word alone
+        assert pair["slow"] != pair["fast"] and pair["slow"] == pair["fast"].replace("fast", "slow", 1)
+    assert not _pace_captions(cfg, "awb", [])["own"]  # no recording at another pace: the voice's caption
     with pytest.raises(ValueError, match="where the pace goes"):
         DemoReportConfig(rate_caption="A speaker at a slow pace.")
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from s2train.inference.engine import speech_request
+from s2train.judges.captioner import load_bins, phrase_caption
 from s2train.shards import write_tar
 from s2train.text.prompt import IGNORE, build_prompt
 from s2train.training.lm_data import KINDS, ExampleMix, LMDataConfig, TokenStream, open_token_source
@@ -66,8 +67,12 @@ def stream_of(folder: Path, **mix) -> TokenStream:
 
 def examples(stream: TokenStream, epochs: int = 1):
     for epoch in range(epochs):
-        for u, groups, where in stream._utterances(epoch, 0, 1):
-            yield stream.example(u, groups, where)
+        yield from examples_at(stream, epoch)
+
+
+def examples_at(stream: TokenStream, epoch: int):
+    for u, groups, where in stream._utterances(epoch, 0, 1):
+        yield stream.example(u, groups, where)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -156,6 +161,49 @@ def test_a_voice_is_never_cloned_from_a_clip_of_the_same_words(tmp_path):
     alone = tmp_path / "alone"
     write_tar(alone / "shards" / "tokens-000000.tar", members[:4])  # the twins only
     assert {e.kind for e in examples(stream_of(alone, cloning=1.0))} == {"plain"}
+
+
+def test_rephrased_captions_say_the_same_in_other_words(tmp_path):
+    """With ``lm_data.rephrase_captions`` a captioned example's caption is phrased anew from the
+    captioner's measurements, in a template drawn each time: the words the bins give (pace, pitch,
+    gender, recording) stay, the wording changes; an utterance without measurements keeps its caption."""
+    bins = load_bins("v2")
+    measures = {
+        "pitch_hz": 110.0,
+        "pitch_std": 5.0,
+        "speaking_rate": 2.5,
+        "snr_db": 40.0,
+        "bandwidth_hz": 8000.0,
+    }
+    members = []
+    for i, extra in enumerate([measures, {}]):
+        meta = {
+            "id": f"u{i}",
+            "text": f"Words {i}.",
+            "speaker": "solo",
+            "caption": "As clean wrote it.",
+            **extra,
+        }
+        members += [
+            (f"u{i}.codes.npy", _npy(np.zeros((K, 4), np.uint16))),
+            (f"u{i}.json", json.dumps(meta).encode()),
+        ]
+    write_tar(tmp_path / "shards" / "tokens-000000.tar", members)
+    cfg = LMDataConfig(
+        max_len=400, loop=False, mix=ExampleMix(plain=0.0, captioned=1.0), rephrase_captions="v2"
+    )
+    stream = TokenStream(open_token_source(tmp_path), TOK, K, cfg, seed=3)
+    made = [e for epoch in range(12) for e in examples_at(stream, epoch)]
+    rephrased = {e.caption for e in made if e.key == "u0"}
+    assert {e.caption for e in made if e.key == "u1"} == {"As clean wrote it."}
+    assert len(rephrased) >= 3  # several templates over 12 draws
+    assert rephrased <= {phrase_caption(bins, measures, pick) for pick in range(len(bins["templates"]))}
+    for caption in rephrased:  # whatever the template, what it says is the measurements' words
+        assert "male speaker" in caption and "low-pitched" in caption and "clean" in caption
+        if "pace" in caption or "delivery" in caption:  # 2.5 syllables/s: slow, in every template naming it
+            assert "slow" in caption and "moderate" not in caption and "fast" not in caption
+    again = TokenStream(open_token_source(tmp_path), TOK, K, cfg, seed=3)  # a resumed run draws the same
+    assert [e.caption for epoch in range(12) for e in examples_at(again, epoch)] == [e.caption for e in made]
 
 
 def test_resumed_epochs_draw_the_same_kinds(shards):

@@ -79,6 +79,49 @@ def count_syllables(text: str) -> int:
 PITCH_HOP = 320  # samples between pYIN frames (20 ms at 16 kHz)
 
 
+CAPTION_MEASURES = (  # what a caption is phrased from (the measurements clean keeps in each record)
+    "pitch_hz",
+    "pitch_std",
+    "loudness_lufs",
+    "voiced_ratio",
+    "speaking_rate",
+    "snr_db",
+    "bandwidth_hz",
+)
+
+
+def phrase_caption(bins: dict, m: dict, pick: int) -> str:
+    """The caption of measurements ``m`` in words of ``bins``, in its ``pick``-th usable template (modulo
+    their number): the captioner picks by a hash of the segment id; training may pick anew each draw."""
+    b = bins
+    gender = gender_from_pitch(m.get("pitch_hz"), b["gender"])
+    voice = [
+        bin_word(m.get("pitch_hz"), b["pitch_hz"]),
+        bin_word(m.get("pitch_std"), b["pitch_std_semitones"]),
+        bin_word(m.get("loudness_lufs"), b["loudness_lufs"]),
+        bin_word(m.get("voiced_ratio"), b["voiced_ratio"]),
+    ]
+    fields = {
+        "subject": {"male": "a male speaker", "female": "a female speaker"}.get(gender, "a speaker"),
+        "voice": ", ".join(w for w in voice if w) or "plain",
+        "rate": bin_word(m.get("speaking_rate"), b["speaking_rate"]),
+        "recording": " ".join(
+            w
+            for w in (
+                bin_word(m.get("snr_db"), b["snr_db"]),
+                bin_word(m.get("bandwidth_hz"), b["bandwidth_hz"]),
+            )
+            if w
+        )
+        + " recording",
+    }
+    fields["Subject"] = fields["subject"][0].upper() + fields["subject"][1:]
+    fields["Recording"] = "A " + fields["recording"]
+    fields["recording"] = "a " + fields["recording"]
+    usable = [t for t in b["templates"] if "{rate}" not in t or fields["rate"]]
+    return usable[pick % len(usable)].format(**fields)
+
+
 @dataclass
 class PitchTrack:
     f0: np.ndarray  # (frames,) Hz, NaN where unvoiced
@@ -255,34 +298,7 @@ class RuleCaptioner:
         return tags
 
     def caption(self, key: str, m: dict) -> str:
-        b = self.bins
-        gender = gender_from_pitch(m.get("pitch_hz"), b["gender"])
-        voice = [
-            bin_word(m.get("pitch_hz"), b["pitch_hz"]),
-            bin_word(m.get("pitch_std"), b["pitch_std_semitones"]),
-            bin_word(m.get("loudness_lufs"), b["loudness_lufs"]),
-            bin_word(m.get("voiced_ratio"), b["voiced_ratio"]),
-        ]
-        fields = {
-            "subject": {"male": "a male speaker", "female": "a female speaker"}.get(gender, "a speaker"),
-            "voice": ", ".join(w for w in voice if w) or "plain",
-            "rate": bin_word(m.get("speaking_rate"), b["speaking_rate"]),
-            "recording": " ".join(
-                w
-                for w in (
-                    bin_word(m.get("snr_db"), b["snr_db"]),
-                    bin_word(m.get("bandwidth_hz"), b["bandwidth_hz"]),
-                )
-                if w
-            )
-            + " recording",
-        }
-        fields["Subject"] = fields["subject"][0].upper() + fields["subject"][1:]
-        fields["Recording"] = "A " + fields["recording"]
-        fields["recording"] = "a " + fields["recording"]
-        usable = [t for t in b["templates"] if "{rate}" not in t or fields["rate"]]
-        template = usable[zlib.crc32(f"{self.seed}:{key}".encode()) % len(usable)]
-        return template.format(**fields)
+        return phrase_caption(self.bins, m, zlib.crc32(f"{self.seed}:{key}".encode()))
 
     def __call__(
         self, key: str, wav: np.ndarray, text: str, words: list[Word], pauses, speech_s: float, extra: dict

@@ -23,7 +23,8 @@ An utterance whose inputs exceed ``max_len`` is dropped or cut to its first ``ma
 - ``cloning``: another utterance of the same speaker from the same shard, saying other words, is the
   reference in the system turn (its text and codes, as inference gives a reference clip); only the
   target is trained;
-- ``captioned``: the captioner's caption of the target opens the system turn;
+- ``captioned``: the captioner's caption of the target opens the system turn (with
+  ``lm_data.rephrase_captions``, phrased anew from its measurements in a template drawn each time);
 - ``tagged``: the target's text with the captioner's inline tags put back at their words (when the text
   is the ASR's, whose words the tags count);
 - ``dialogue``: the target and an utterance of another speaker (of the same recording where the shard
@@ -74,7 +75,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from s2train.checks import check
-from s2train.judges.captioner import tagged_text
+from s2train.judges.captioner import CAPTION_MEASURES, load_bins, phrase_caption, tagged_text
 from s2train.shards import read_tar
 from s2train.text.prompt import IGNORE, Reference, build_prompt, inputs_and_labels
 from s2train.text.tokenizer import TextTokenizer, speaker_token
@@ -129,6 +130,11 @@ class LMDataConfig:
     speaker_mix: dict[str, ExampleMix] = field(default_factory=dict)
     # utterances cut from these recordings (their ``source``, globs) are never trained on: a held-out set
     exclude_sources: list[str] = field(default_factory=list)
+    # Caption bins (as judges.captioner.bins) to phrase each captioned example's caption in anew, from the
+    # captioner's measurements the token data keeps, in a template drawn each time; None: the caption as
+    # clean wrote it. One template per utterance lets a small model tell recordings of the same words
+    # apart by the caption's wording and never read what it says (its pace, say).
+    rephrase_captions: str | None = None
 
     def __post_init__(self) -> None:
         check(self.max_len >= 8, "lm_data.max_len must be at least 8")
@@ -163,6 +169,7 @@ class TokenUtterance:
     asr_text: str | None = None  # the words the tags' word_index counts
     source: str | None = None  # the recording it was cut from
     lang: str | None = None  # the language clean detected or the metadata gave
+    measures: tuple = ()  # the captioner's measurements ((name, value), ...) a caption is phrased from
 
 
 def _utterance(key: str, meta: dict, codes: np.ndarray) -> TokenUtterance:
@@ -176,6 +183,7 @@ def _utterance(key: str, meta: dict, codes: np.ndarray) -> TokenUtterance:
         asr_text=meta.get("asr_text"),
         source=meta.get("source"),
         lang=meta.get("lang"),
+        measures=tuple((k, meta[k]) for k in CAPTION_MEASURES if meta.get(k) is not None),
     )
 
 
@@ -378,9 +386,14 @@ def _other(run: list[TokenUtterance], but: TokenUtterance, rng: np.random.Genera
 
 
 def _build_example(
-    kind: str, u: TokenUtterance, groups: dict[str, list[TokenUtterance]], rng: np.random.Generator
+    kind: str,
+    u: TokenUtterance,
+    groups: dict[str, list[TokenUtterance]],
+    rng: np.random.Generator,
+    caption_bins: dict | None = None,
 ) -> Example | None:
-    """One example of ``kind`` around the target ``u``, or None where ``u`` cannot make it."""
+    """One example of ``kind`` around the target ``u``, or None where ``u`` cannot make it; with
+    ``caption_bins`` a captioned example's caption is phrased anew from ``u``'s measurements."""
     if kind == "cloning":  # another utterance of the speaker is the voice to clone, as at inference
         ref = _other(groups[u.speaker], u, rng)
         if ref is None:
@@ -394,7 +407,12 @@ def _build_example(
             [Reference(ref.text, torch.from_numpy(ref.codes.astype(np.int64)))],
         )
     if kind == "captioned":
-        return Example(kind, u.key, u.speaker, u.text, u.codes, caption=u.caption) if u.caption else None
+        if not u.caption:
+            return None
+        caption = u.caption
+        if caption_bins is not None and u.measures:
+            caption = phrase_caption(caption_bins, dict(u.measures), int(rng.integers(1 << 30)))
+        return Example(kind, u.key, u.speaker, u.text, u.codes, caption=caption)
     if kind == "tagged":  # word_index counts the ASR's words: the tags fit a text with the same words
         placed = [t for t in u.tags if t.get("word_index") is not None]
         if not placed or u.asr_text is None or _words(u.text) != _words(u.asr_text):
@@ -449,6 +467,7 @@ class TokenStream(IterableDataset):
         self.readers: dict[int, tuple[int, int, int]] = {}  # reader -> consumed (epoch, yielded, overlong)
         self.next_reader = 0  # the reader whose batch the trainer takes next
         self.num_workers: int | None = None  # DataLoader workers per rank, once a batch was consumed
+        self.caption_bins = load_bins(cfg.rephrase_captions) if cfg.rephrase_captions else None
 
     # ----------------------------------------------------------------------------------- position
 
@@ -544,7 +563,7 @@ class TokenStream(IterableDataset):
         rng = np.random.default_rng([self.seed, *where])
         mix = self.cfg.speaker_mix.get(u.speaker, self.cfg.mix)
         kind = KINDS[int(rng.choice(len(KINDS), p=mix.probabilities()))]
-        made = _build_example(kind, u, groups, rng) if kind != "plain" else None
+        made = _build_example(kind, u, groups, rng, self.caption_bins) if kind != "plain" else None
         return made or Example("plain", u.key, u.speaker, u.text, u.codes)
 
     def _segment(self, example: Example) -> Segment:
