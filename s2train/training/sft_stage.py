@@ -56,9 +56,6 @@ class SFTConfig:
     init: str | None = None  # a run dir with model.safetensors + model.json, or a released S2 Pro folder;
     # None: run_root/name/pretrain
     mix: ExampleMix = field(default_factory=_sft_mix)  # weights of the example kinds
-    # lm_data.rephrase_captions for SFT's examples: caption bins to phrase each caption in anew (the
-    # demo: judges.captioner.bins), or None for lm_data's own setting
-    rephrase_captions: str | None = None
     train: LMTrainConfig = field(default_factory=_sft_train)  # optimisation, checkpoints, logging
 
 
@@ -90,11 +87,7 @@ def open_trainable(
 def run(cfg: S2Config) -> dict | None:
     init = stage_input(cfg, "pretrain", cfg.sft.init)
     model, tokenizer = open_trainable(cfg, init, token_input(cfg), "sft.init")
-    data = dataclasses.replace(
-        cfg.lm_data,
-        mix=cfg.sft.mix,
-        rephrase_captions=cfg.sft.rephrase_captions or cfg.lm_data.rephrase_captions,
-    )
+    data = dataclasses.replace(cfg.lm_data, mix=cfg.sft.mix)
     state = model.state_dict()  # the module builds its own model and loads these into it
     result = train_dual_ar(cfg, model.config, tokenizer, cfg.sft.train, data, init_state=state)
     if result is not None:
