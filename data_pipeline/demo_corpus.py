@@ -243,8 +243,8 @@ class Builder:
 
     def sentence_files(self) -> None:
         """One sentence a file for each of ``sentence_voices``, at the rates of ``sentence_stretches`` in
-        turn, some with a pause at a comma; then each sentence again at each of ``sentence_paces`` in one
-        voice (the voices in turn). The transcript goes in the metadata (ASR need not guess it)."""
+        turn, some with a pause at a comma (``paced_sentence_files`` adds the other paces). The transcript
+        goes in the metadata (ASR need not guess it)."""
         c = self.cfg.demo_corpus
         for v, voice in enumerate(c.sentence_voices):
             for i, text in enumerate(sentences("en")[: c.sentences_per_voice]):
@@ -254,6 +254,11 @@ class Builder:
                     not paused and c.sentence_emphasis_every and (i + v) % c.sentence_emphasis_every == 1
                 )
                 self.sentence_file(f"sent_{voice}_{i:02d}.wav", voice, text, stretch, paused, stressed)
+
+    def paced_sentence_files(self) -> None:
+        """Each sentence again at each of ``sentence_paces`` in one voice, the voices in turn (made last,
+        so that the random draws of everything else are those of a corpus without them)."""
+        c = self.cfg.demo_corpus
         for i, text in enumerate(sentences("en")[: c.sentences_per_voice]):
             voice = c.sentence_voices[i % len(c.sentence_voices)] if c.sentence_voices else None
             for pace in c.sentence_paces if voice else ():
@@ -412,6 +417,7 @@ class Builder:
                 "expected": {"stage": "decode", "reason": "unreadable"},
             }
         )
+        self.paced_sentence_files()
 
     def overlap(self) -> None:
         """awb, then slt starting 5 s before awb stops: the 5 s of both at once must be rejected as
