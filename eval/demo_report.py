@@ -144,10 +144,10 @@ def run(cfg: S2Config) -> dict:
     for t in everything:
         if t["sentences"][0]["stretch"] != 1.0:
             paced.setdefault(t["sentences"][0]["text"], (t["speaker"], []))[1].append(t["file"])
-    asks = {}
+    asks, manifest = {}, _manifest_rows(cfg)
     for text in texts_seen:
         voice, twins = paced.get(text, (voices[0], []))
-        asks[text] = {"voice": voice, **_pace_captions(cfg, voice, twins)}
+        asks[text] = {"voice": voice, **_pace_captions(cfg, voice, twins, manifest)}
     chosen = sorted(texts_seen, key=lambda text: not asks[text]["own"])[: r.caption_texts]
     captions = {text: asks[text] for text in chosen}
     for pace in PACES:
@@ -325,7 +325,15 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-9)
 
 
-def _pace_captions(cfg: S2Config, voice: str, files: list[str] = ()) -> dict:
+def _manifest_rows(cfg: S2Config) -> list[dict]:
+    """The clean run's records (none without a clean run)."""
+    manifest = stage_input(cfg, "clean") / "manifest.jsonl"
+    if not manifest.is_file():
+        return []
+    return [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+
+
+def _pace_captions(cfg: S2Config, voice: str, files: list[str] = (), rows: list[dict] | None = None) -> dict:
     """The captions a text's pace test asks with, each as a pair ``{"slow": ..., "fast": ...}`` that
     differ in the pace word alone: the captioner's captions of ``files`` (the text's recordings at other
     paces) that name a pace (``"own": True``), or else the first caption it wrote for ``voice`` naming one
@@ -333,12 +341,7 @@ def _pace_captions(cfg: S2Config, voice: str, files: list[str] = ()) -> dict:
     if cfg.demo_report.rate_caption:
         pair = {pace: cfg.demo_report.rate_caption.replace("{pace}", pace) for pace in PACES}
         return {"own": False, "captions": [pair]}
-    manifest = stage_input(cfg, "clean") / "manifest.jsonl"
-    rows = (
-        [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
-        if manifest.is_file()
-        else []
-    )
+    rows = _manifest_rows(cfg) if rows is None else rows
     named = [row for row in rows if PACE_PHRASE.search(row.get("caption") or "")]
     own = [row["caption"] for row in named if row.get("source") in files]
     voiced = [row["caption"] for row in named if row.get("speaker") == voice]
