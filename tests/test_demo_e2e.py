@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from eval.demo_report import DemoReportConfig, _pace_captions
+from eval.demo_report import DemoReportConfig, _chosen_ceiling, _gap_interval, _pace_captions
 from s2train.checkpoints import load_codec
 from s2train.shards import read_tar
 from s2train.training.codec_data import index_shards, read_metadata, split_heldout
@@ -134,6 +134,15 @@ def test_demo_report_measures_the_demo_model(demo_root, truth):
     rows = read_jsonl(demo_root / "demo" / "demo_report" / "utterances.jsonl")
     assert {r["group"] for r in rows} == {"seen", "seen_plain", "heldout", "caption_slow", "caption_fast"}
     assert all(r["voice"] is None for r in rows if r["group"] == "seen_plain")
+    # each plain utterance is heard in one of the voices, and its ceiling is that voice's file
+    plain = [r for r in rows if r["group"] == "seen_plain"]
+    if all(r.get("heard_voice") for r in plain):
+        assert {r["heard_voice"] for r in plain} <= set(report["voices"])
+        assert report["wer_seen_codec_chosen_voice"] >= 0
+        low, high = report["wer_seen_plain_above_chosen_ci95"]
+        assert low <= report["wer_seen_plain_above_chosen"] <= high
+        gap = report["wer_seen_plain"] - report["wer_seen_codec_chosen_voice"]
+        assert report["wer_seen_plain_above_chosen"] == pytest.approx(gap, abs=0.011)
     assert "| WER, held-out sentences |" in (demo_root / "demo" / "demo_report" / "report.md").read_text()
 
 
@@ -176,3 +185,23 @@ def test_demo_trains_a_preference_model_and_aligns_the_sft_model_with_grpo(demo_
         assert 0 <= row["reward/dnsmos"] <= 1 and row["logprob_gap"] < 1e-4
         assert row["rollout_s"] > 0 and row["score_s"] > 0 and row["update_s"] > 0
     assert (demo_root / "demo" / "grpo" / "reward_curve.png").is_file()
+
+
+def test_a_plain_utterance_is_held_to_the_file_of_the_voice_it_chose():
+    text = "one two three four"
+    truth_rows = [
+        {"voice": "a", "text": text, "hyp_codec": "one two three four"},  # heard perfectly through the codec
+        {"voice": "b", "text": text, "hyp_codec": "one"},  # three words of four lost
+    ]
+    rows = {
+        "p0": {"group": "seen_plain", "text": text, "hyp": "one two three", "heard_voice": "a"},
+        "p1": {"group": "seen_plain", "text": text, "hyp": "one two three", "heard_voice": "a"},
+    }
+    chosen = _chosen_ceiling(rows, truth_rows)
+    assert [x["voice"] for x in chosen] == ["a", "a"]
+    # one word in four lost against none in the voice it chose: 25 points above its ceiling, and no
+    # interval can move that with one text; against both voices' files (37.5) it would look 12.5 below
+    assert _gap_interval(rows, "seen_plain", truth_rows, [text], seed=0, chosen_voice=True) == [25.0, 25.0]
+    assert _gap_interval(rows, "seen_plain", truth_rows, [text], seed=0) == [-12.5, -12.5]
+    rows["p1"]["heard_voice"] = None  # too short to embed: no chosen ceiling at all
+    assert _chosen_ceiling(rows, truth_rows) == []

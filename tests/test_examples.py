@@ -270,3 +270,41 @@ def test_a_speaker_can_have_a_mix_of_its_own(shards):
     ones = [e for e in made if e.speaker == "spk1"]
     assert ones and all(e.kind == "cloning" for e in ones)  # each has another spk1 clip in its shard
     assert all(e.kind == "plain" for e in made if e.speaker != "spk1")
+
+
+def test_utterances_at_a_marked_pace_can_have_a_mix_of_their_own(tmp_path):
+    """``lm_data.pace_mix``: an utterance whose measured speaking rate the caption bins call slow or fast
+    takes that word's mix; a moderate one, or one without a measured rate, takes ``mix``."""
+    rates = [2.0, 7.0, 4.2, None]  # v2's pace bins: slow below 3.2, fast above 5.2
+    members = []
+    for i, rate in enumerate(rates):
+        meta = {
+            "id": f"u{i}",
+            "text": f"Words {i}.",
+            "speaker": "solo",
+            "caption": "A voice.",
+            "pitch_hz": 120.0,
+        }
+        if rate is not None:
+            meta["speaking_rate"] = rate
+        members += [
+            (f"u{i}.codes.npy", _npy(np.zeros((K, 4), np.uint16))),
+            (f"u{i}.json", json.dumps(meta).encode()),
+        ]
+    write_tar(tmp_path / "shards" / "tokens-000000.tar", members)
+    captioned = ExampleMix(plain=0.0, captioned=1.0)
+    cfg = LMDataConfig(
+        max_len=400,
+        loop=False,
+        mix=ExampleMix(plain=1.0),
+        rephrase_captions="v2",
+        pace_mix={"slow": captioned, "fast": captioned},
+    )
+    stream = TokenStream(open_token_source(tmp_path), TOK, K, cfg, seed=3)
+    kinds = {}
+    for epoch in range(5):
+        for e in examples_at(stream, epoch):
+            kinds.setdefault(e.key, set()).add(e.kind)
+    assert kinds == {"u0": {"captioned"}, "u1": {"captioned"}, "u2": {"plain"}, "u3": {"plain"}}
+    with pytest.raises(ValueError, match="rephrase_captions"):  # the rate is binned by those bins
+        LMDataConfig(pace_mix={"slow": captioned})

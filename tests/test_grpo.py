@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,3 +228,20 @@ def test_updates_towards_a_preferred_candidate_make_it_likelier(tokenizer):
         after = per_candidate(token_logprobs(model.eval(), batch, IM_END, 1.0, 1.0))
     assert after[0] > before[0] + 1.0, (before, after)
     assert (after[1:] < before[1:]).all(), (before, after)
+
+
+def test_heldout_totals_are_the_rewards_themselves_when_training_normalises_each():
+    from types import SimpleNamespace
+
+    from s2train.rl.grpo_stage import GRPOConfig, GRPOModule
+
+    g = GRPOConfig()
+    g.objective.normalise_each = True
+    g.rewards.weights = {"dnsmos": 1.0, "sim": 0.5}
+    module = SimpleNamespace(g=g)
+    scores = SimpleNamespace(components={"dnsmos": np.array([0.2, 0.4, 0.6, 0.8]), "sim": np.ones(4)})
+    trained, _ = GRPOModule.totals(module, scores, 2, 2)  # each prompt's pair centred: totals sum to 0
+    assert trained.sum(dim=1).abs().max() < 1e-9
+    heldout, _ = GRPOModule.totals(module, scores, 2, 2, normalise_each=False)
+    expected = (np.array([[0.2, 0.4], [0.6, 0.8]]) + 0.5) / 1.5
+    assert torch.allclose(heldout, torch.from_numpy(expected))

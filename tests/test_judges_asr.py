@@ -41,6 +41,20 @@ def test_pocketsphinx_scores_each_utterance_afresh(flite_wav):
     assert alone == after
 
 
+def test_pocketsphinx_workers_hear_what_one_process_hears(flite_wav):
+    wavs = [
+        flite_wav("slt", SENTENCE),
+        np.zeros(0, np.float32),  # a generation that ended at once
+        flite_wav("awb", "The cat sleeps on the sofa for most of the day."),
+        flite_wav("rms", SENTENCE),
+    ]
+    langs = ["en", "en", "cmn", "en"]
+    alone = PocketSphinxASR(ASRConfig())(wavs, langs)
+    pooled = PocketSphinxASR(ASRConfig(workers=2))(wavs, langs)
+    assert pooled == alone  # in order, word times and all, the unsupported language left alone
+    assert alone[0].text and alone[1].text == "" and not alone[2].supported
+
+
 def test_pocketsphinx_leaves_other_languages_untranscribed():
     [t] = PocketSphinxASR(ASRConfig())([np.zeros(16000, np.float32)], ["cmn"])
     assert not t.supported and t.text == ""

@@ -16,10 +16,13 @@ A missing local model is refused by ``check_paths`` (which the backends call, an
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import re
 import zlib
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +65,9 @@ class ASRConfig:
     max_compression_ratio: float = 2.4
     min_avg_logprob: float = -1.0  # whisper only: pocketsphinx scores are not log-probabilities
     languages: list[str] = field(default_factory=list)  # keep only these languages; empty keeps all
+    # pocketsphinx: decode this many utterances at once, each in a process of its own (its decoder holds
+    # the interpreter's lock, so threads would take turns); a batch of one is decoded in-process
+    workers: int = 1
 
     def __post_init__(self) -> None:
         check(
@@ -69,6 +75,7 @@ class ASRConfig:
             "judges.asr.backend must be pocketsphinx, whisper, whisper_hf, faster_whisper or paraformer, not "
             f"{self.backend!r}",
         )
+        check(self.workers >= 1, f"judges.asr.workers must be at least 1, not {self.workers}")
 
 
 # backend -> (its ASRConfig field, eval's key, what it must be, how a path is checked)
@@ -135,26 +142,36 @@ class PocketSphinxASR:
 
     def __init__(self, cfg: ASRConfig):
         self.cfg = cfg
+        self._pool: ProcessPoolExecutor | None = None
 
     def __call__(self, wavs: list[np.ndarray], langs: list[str | None]) -> list[Transcript]:
-        return per_language(wavs, langs, self.languages, self._one)
+        if self.cfg.workers == 1 or len(wavs) < 2:
+            return per_language(wavs, langs, self.languages, _pocketsphinx)
+        if self._pool is None:  # spawned, not forked: the parent may hold torch's threads
+            self._pool = ProcessPoolExecutor(
+                self.cfg.workers, mp_context=multiprocessing.get_context("spawn")
+            )
+        pending = per_language(wavs, langs, self.languages, partial(self._pool.submit, _pocketsphinx))
+        return [t.result() if isinstance(t, Future) else t for t in pending]
 
-    def _one(self, wav: np.ndarray, lang: str) -> Transcript:
-        from pocketsphinx import Decoder
 
-        if len(wav) == 0:  # a generation that ended at once: nothing to hear
-            return Transcript(text="", lang=lang)
-        decoder = Decoder(loglevel="FATAL")
-        pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16).tobytes()
-        decoder.start_utt()
-        decoder.process_raw(pcm, full_utt=True)
-        decoder.end_utt()
-        words = [
-            Word(re.sub(r"\(\d+\)$", "", s.word), s.start_frame / 100, (s.end_frame + 1) / 100)
-            for s in decoder.seg() or ()  # None when nothing was heard (empty or silent audio)
-            if not s.word.startswith(("<", "[")) and s.word != "<sil>"
-        ]
-        return Transcript(text=" ".join(w.word for w in words), lang=lang, words=words)
+def _pocketsphinx(wav: np.ndarray, lang: str) -> Transcript:
+    """One utterance, with a decoder of its own (PocketSphinxASR)."""
+    from pocketsphinx import Decoder
+
+    if len(wav) == 0:  # a generation that ended at once: nothing to hear
+        return Transcript(text="", lang=lang)
+    decoder = Decoder(loglevel="FATAL")
+    pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16).tobytes()
+    decoder.start_utt()
+    decoder.process_raw(pcm, full_utt=True)
+    decoder.end_utt()
+    words = [
+        Word(re.sub(r"\(\d+\)$", "", s.word), s.start_frame / 100, (s.end_frame + 1) / 100)
+        for s in decoder.seg() or ()  # None when nothing was heard (empty or silent audio)
+        if not s.word.startswith(("<", "[")) and s.word != "<sil>"
+    ]
+    return Transcript(text=" ".join(w.word for w in words), lang=lang, words=words)
 
 
 class WhisperASR:

@@ -375,14 +375,17 @@ class GRPOModule(L.LightningModule):
         )
         return score_candidates(rewards, self.g.rewards, self.g.guards, scoring)
 
-    def totals(self, scores, prompts: int, group: int) -> tuple[Tensor, dict[str, np.ndarray]]:
-        """(P, G) total reward (the weighted sum, NaN scores at their group's mean) and the filled parts."""
+    def totals(
+        self, scores, prompts: int, group: int, normalise_each: bool | None = None
+    ) -> tuple[Tensor, dict[str, np.ndarray]]:
+        """(P, G) total reward (the weighted sum, NaN scores at their group's mean) and the filled parts;
+        each reward group-normalised first with ``normalise_each`` (default: ``grpo.objective``'s)."""
         weights = {k: v for k, v in self.g.rewards.weights.items() if v > 0}
         filled = {k: fill_not_applicable(scores.components[k].reshape(prompts, group)) for k in weights}
         total = combine_rewards(
             {k: torch.from_numpy(v) for k, v in filled.items()},
             weights,
-            normalise_each=self.g.objective.normalise_each,
+            normalise_each=self.g.objective.normalise_each if normalise_each is None else normalise_each,
             std_floor=self.g.objective.std_floor,
         )
         return total, filled
@@ -537,7 +540,9 @@ class GRPOModule(L.LightningModule):
             self.heldout, 10**9, g.eval_samples, self.cfg.seed
         )  # the same seeds every time
         scores = self.score(self.eval_rewards, self.heldout, candidates)
-        total, _ = self.totals(scores, len(self.heldout), g.eval_samples)
+        # the rewards themselves: normalised within each prompt's candidates, every prompt's total would
+        # be 0 and no evaluation could differ from another
+        total, _ = self.totals(scores, len(self.heldout), g.eval_samples, normalise_each=False)
         total = total.reshape(-1)
         with (self.run_dir / "heldout.jsonl").open("a") as f:
             for i, c in enumerate(candidates):

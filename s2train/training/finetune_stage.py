@@ -313,6 +313,7 @@ def run(cfg: S2Config) -> dict | None:
         cfg.lm_data,
         mix=f.replay_mix,  # the replayed corpus's speakers; the voice's utterances have their own
         speaker_mix={**cfg.lm_data.speaker_mix, f.voice: f.mix},
+        pace_mix={},  # the replay keeps its corpus's voices with replay_mix, whatever their pace
         speaker_ids={**cfg.lm_data.speaker_ids, f.voice: f.speaker},
         exclude_sources=[*cfg.lm_data.exclude_sources, *held_sources],
     )

@@ -75,7 +75,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from s2train.checks import check
-from s2train.judges.captioner import CAPTION_MEASURES, load_bins, phrase_caption, tagged_text
+from s2train.judges.captioner import CAPTION_MEASURES, bin_word, load_bins, phrase_caption, tagged_text
 from s2train.shards import read_tar
 from s2train.text.prompt import IGNORE, Reference, build_prompt, inputs_and_labels
 from s2train.text.tokenizer import TextTokenizer, speaker_token
@@ -135,9 +135,18 @@ class LMDataConfig:
     # clean wrote it. One template per utterance lets a small model tell recordings of the same words
     # apart by the caption's wording and never read what it says (its pace, say).
     rephrase_captions: str | None = None
+    # the example mix of utterances whose measured speaking rate those bins call this word (slow, fast)
+    # where it is not ``mix`` (``speaker_mix`` comes first): a corpus has few recordings at a marked pace,
+    # and only a captioned one says what its pace word means, so those can be captioned more often
+    pace_mix: dict[str, ExampleMix] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check(self.max_len >= 8, "lm_data.max_len must be at least 8")
+        check(
+            not self.pace_mix or self.rephrase_captions is not None,
+            "lm_data.pace_mix bins the measured speaking rate with the caption bins of "
+            "lm_data.rephrase_captions: set it too",
+        )
         check(
             all(i >= 0 for i in self.speaker_ids.values()),
             f"lm_data.speaker_ids cannot be negative: {self.speaker_ids}",
@@ -561,10 +570,17 @@ class TokenStream(IterableDataset):
         from a generator seeded by the stream's seed and ``where``, so a resumed epoch draws the same;
         plain where the drawn kind needs what ``u`` lacks."""
         rng = np.random.default_rng([self.seed, *where])
-        mix = self.cfg.speaker_mix.get(u.speaker, self.cfg.mix)
+        mix = self.cfg.speaker_mix.get(u.speaker) or self._pace_mix(u) or self.cfg.mix
         kind = KINDS[int(rng.choice(len(KINDS), p=mix.probabilities()))]
         made = _build_example(kind, u, groups, rng, self.caption_bins) if kind != "plain" else None
         return made or Example("plain", u.key, u.speaker, u.text, u.codes)
+
+    def _pace_mix(self, u: TokenUtterance) -> ExampleMix | None:
+        """``lm_data.pace_mix`` of the word the caption bins give ``u``'s measured speaking rate, if any."""
+        if not self.cfg.pace_mix or self.caption_bins is None:
+            return None
+        rate = dict(u.measures).get("speaking_rate")
+        return self.cfg.pace_mix.get(bin_word(rate, self.caption_bins["speaking_rate"])) if rate else None
 
     def _segment(self, example: Example) -> Segment:
         codes = torch.from_numpy(example.codes.astype(np.int64))
