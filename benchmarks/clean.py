@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/clean.json"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--asr-workers", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -140,6 +141,17 @@ def main() -> None:
     asr = judges.asr  # pocketsphinx
     ours, _ = timed(lambda: asr(wavs, ["en"] * len(wavs)))
     record("asr (pocketsphinx)", ours)
+    # the same clips in judges.asr.workers processes (the demo's 2), one clip per task as in a batch
+    # of a demo_report or a GRPO evaluation: the baseline is the one process above
+    from s2train.judges.asr import ASRConfig, PocketSphinxASR
+
+    pooled = PocketSphinxASR(ASRConfig(workers=args.asr_workers))
+    pooled(wavs[:2], ["en", "en"])  # start the workers, as a long run does once
+    clips = [c for w in wavs for c in np.array_split(w, max(1, len(w) // (4 * JUDGE_RATE)))]  # ~4 s
+    single, alone = timed(lambda: asr(clips, ["en"] * len(clips)))
+    workers, again = timed(lambda: pooled(clips, ["en"] * len(clips)))
+    assert again == alone  # the same transcripts, word times and all
+    record(f"asr, {args.asr_workers} workers, ~4 s clips", workers, single, "one process")
 
     # captioner ---------------------------------------------------------------------------------
     captioner = judges.captioner
