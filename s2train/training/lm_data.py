@@ -577,7 +577,7 @@ class TokenStream(IterableDataset):
 
     def _pace_mix(self, u: TokenUtterance) -> ExampleMix | None:
         """``lm_data.pace_mix`` of the word the caption bins give ``u``'s measured speaking rate, if any."""
-        if not self.cfg.pace_mix or self.caption_bins is None:
+        if not self.cfg.pace_mix:  # set, it comes with rephrase_captions' bins (LMDataConfig checks)
             return None
         rate = dict(u.measures).get("speaking_rate")
         return self.cfg.pace_mix.get(bin_word(rate, self.caption_bins["speaking_rate"])) if rate else None
